@@ -1,0 +1,487 @@
+"""Flash Diffusion for Stable Diffusion 1.5: distil the UNet into a 1-4 step LoRA student.
+
+Chadebec et al., "Flash Diffusion: Accelerating Any Conditional Diffusion Model for Few Steps Image
+Generation", arXiv 2406.02347. The student (UNet + LoRA) learns to reach in one step what the teacher
+(the same UNet, LoRA disabled) reaches in K DPM-Solver++ steps with classifier-free guidance, from start
+steps drawn from a Gaussian mixture that moves toward pure noise over 4 phases; a distribution-matching
+(DMD) loss and an adversarial loss on frozen UNet features join after a warm-up phase.
+
+Launch (defaults are the paper's SD1.5 settings; phase lengths count generator updates):
+    # one GPU
+    python flash_sd.py --shards "data/{00000..00999}.tar" --output_dir runs/flash_sd
+    # one node, 8 GPUs
+    torchrun --standalone --nproc_per_node=8 flash_sd.py --shards "data/{00000..00999}.tar"
+    # two nodes (run on each, with its --node_rank)
+    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d \
+        --rdzv_endpoint=$MASTER:29500 flash_sd.py --shards "data/{00000..00999}.tar"
+Use the result with a stock pipeline: pipe.load_lora_weights(output_dir), LCMScheduler
+(timestep_spacing="trailing"), 4 steps, guidance_scale=0. See README.md.
+"""
+import argparse
+import contextlib
+import os
+import time
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+import common
+
+DEFAULT_PROMPTS = [
+    "a photograph of an astronaut riding a horse",
+    "a red fox in a snowy forest, golden hour",
+    "a bowl of ramen on a wooden table, studio lighting",
+    "a watercolor painting of a lighthouse on a cliff",
+]
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of every transformer block
+GAN_TIMESTEPS = [10, 250, 500, 750]  # noise levels the discriminator sees, one drawn per sample
+MAX_NONFINITE = 5  # non-finite losses in a row before training stops
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    a = p.add_argument
+    # data and model
+    a("--model", default="runwayml/stable-diffusion-v1-5", help="hub id or local diffusers folder of the teacher")
+    a("--shards", nargs="+", required=True, help="webdataset tar shards: brace patterns, globs or pipe: URLs")
+    a("--output_dir", default="runs/flash_sd", help="metrics, samples, checkpoints and the final LoRA")
+    a("--resolution", type=int, default=512, help="training resolution (square; short side resized, centre crop)")
+    a("--batch_size", type=int, default=4, help="images per GPU per generator update")
+    a("--min_aesthetic", type=float, default=6.0, help="keep samples with json aesthetic_score >= this; <0: off")
+    a("--num_workers", type=int, default=4, help="data loading processes per GPU")
+    # schedule: 4 phases (paper section 3.2)
+    a("--phase_steps", type=int, nargs=4, default=[2500] * 4, help="generator updates per phase")
+    a("--max_steps", type=int, default=None, help="stop early after this many updates (default: sum of phases)")
+    a("--num_teacher_steps", type=int, default=32, help="K: DPM-Solver++ steps of the teacher's full solve")
+    a("--timestep_distribution", default="mixture", choices=["mixture", "uniform", "gaussian"],
+      help="start-index distribution over the K solver steps (uniform/gaussian: the paper's ablations)")
+    a("--guidance_min", type=float, default=3.0, help="teacher CFG scale w ~ U[min, max], one per batch")
+    a("--guidance_max", type=float, default=13.0, help="see --guidance_min")
+    # losses
+    a("--distill_loss", default="lpips", choices=["lpips", "l2", "l1"], help="student vs teacher output")
+    a("--distill_weights", type=float, nargs=4, default=[1.0, 1.0, 1.0, 1.0], help="lambda_dist per phase")
+    a("--dmd_weights", type=float, nargs=4, default=[0.0, 0.3, 0.5, 0.7], help="lambda_dmd per phase")
+    a("--adv_weights", type=float, nargs=4, default=[0.0, 0.1, 0.2, 0.3], help="lambda_adv per phase")
+    a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"], help="adversarial loss")
+    a("--teacher_as_real", action="store_true", help="discriminator's real samples: teacher outputs, not data")
+    # optimisation
+    a("--lr", type=float, default=1e-5, help="AdamW learning rate of the LoRA (constant)")
+    a("--lr_disc", type=float, default=1e-5, help="AdamW learning rate of the discriminator head (constant)")
+    a("--lora_rank", type=int, default=128, help="LoRA rank r")
+    a("--lora_alpha", type=float, default=128, help="LoRA alpha (scale = alpha / r)")
+    a("--mixed_precision", default="bf16", choices=["bf16", "no"], help="bf16 autocast (frozen weights in bf16 on GPU)")
+    a("--compile", action="store_true", help="torch.compile the UNet (static shapes)")
+    a("--gradient_checkpointing", action="store_true", help="trade compute for memory in the student pass")
+    a("--seed", type=int, default=0, help="global seed; rank r uses seed + r")
+    # outputs
+    a("--log_every", type=int, default=50, help="updates between metrics lines (losses all-reduced)")
+    a("--sample_every", type=int, default=1000, help="updates between validation grids")
+    a("--checkpoint_every", type=int, default=1000, help="updates between checkpoints")
+    a("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: keep all)")
+    a("--resume", default=None, help="'latest' or a checkpoints/step_NNNNNN folder")
+    a("--overwrite", action="store_true", help="start a new run in an output_dir that holds one")
+    a("--validation_prompts", nargs="+", default=DEFAULT_PROMPTS, help="prompts of the sample grids")
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Everything that can be checked before a model is loaded; raises ValueError naming the flag."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    if args.guidance_min > args.guidance_max:
+        raise ValueError("--guidance_min must not exceed --guidance_max")
+    if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
+        raise ValueError("--phase_steps: four non-negative batch counts with a positive sum")
+    for flag in ("batch_size", "num_teacher_steps", "log_every", "sample_every", "checkpoint_every", "resolution"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag} must be positive")
+    common.expand_shards(args.shards)
+    try:
+        vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
+        unet_cfg = UNet2DConditionModel.load_config(args.model, subfolder="unet")
+    except Exception as e:
+        raise ValueError(f"--model {args.model}: cannot read a diffusers SD1.5 layout there (vae/ and unet/ "
+                         f"configs): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    # the latent must survive every UNet downsampling, and the mid block must be at least 1x1
+    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
+    if args.resolution % factor:
+        raise ValueError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model "
+                         f"(VAE and UNet downsampling), e.g. {max(factor, args.resolution // factor * factor)}")
+    common.check_output_dir(args.output_dir, args.resume, args.overwrite)
+    return common.resolve_resume(args.resume, args.output_dir)
+
+
+# ------------------------------------------------------------------------------------------------------
+# the backbone: loading, text encoding, denoiser calls, features for the discriminator
+# ------------------------------------------------------------------------------------------------------
+
+def load_models(args, device, weight_dtype):
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
+    from peft import LoraConfig
+    from transformers import CLIPTextModel, CLIPTokenizer
+    tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder")
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae")
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
+    for m in (text_encoder, vae, unet):
+        m.requires_grad_(False).eval().to(device, weight_dtype)
+    # student = unet + LoRA; teacher = the same unet with the LoRA disabled (one copy of the weights)
+    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+                                target_modules=LORA_TARGETS))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # trainable LoRA weights stay fp32 under bf16 autocast
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    sched_config = DPMSolverMultistepScheduler.load_config(args.model, subfolder="scheduler")
+    teacher_sched = DPMSolverMultistepScheduler.from_config(
+        sched_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
+        final_sigmas_type="zero")
+    return tokenizer, text_encoder, vae, unet, teacher_sched, sched_config
+
+
+@torch.no_grad()
+def encode_text(tokenizer, text_encoder, prompts, device):
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(device)
+    return text_encoder(ids)[0]
+
+
+def denoise(unet, x, t, c):
+    """epsilon prediction in fp32; t: (B,) timesteps."""
+    return unet(x, t, encoder_hidden_states=c).sample.float()
+
+
+def cfg_eps(unet, x, t, cond, uncond, w):
+    """Classifier-free guidance in one batched forward: cat[uncond, cond], then chunk(2)."""
+    e_u, e_c = denoise(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+    return e_u + w * (e_c - e_u)
+
+
+def mid_features(unet, x, t, c):
+    """The UNet's forward (diffusers' UNet2DConditionModel.forward for SD1.5) stopped after the mid block:
+    the discriminator's input, without paying for the up blocks."""
+    emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t))
+    h = unet.conv_in(x)
+    for block in unet.down_blocks:
+        if getattr(block, "has_cross_attention", False):
+            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=c)
+        else:
+            h, _ = block(hidden_states=h, temb=emb)
+    return unet.mid_block(h, emb, encoder_hidden_states=c)
+
+
+@contextlib.contextmanager
+def teacher_mode(unet, no_checkpointing=False):
+    """LoRA off: the UNet is the frozen teacher. Gradient checkpointing would recompute this pass during
+    backward with the LoRA back on, so passes that backpropagate in teacher mode turn it off."""
+    ckpt = no_checkpointing and unet.is_gradient_checkpointing
+    unet.disable_adapters()
+    if ckpt:
+        unet.disable_gradient_checkpointing()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
+        if ckpt:
+            unet.enable_gradient_checkpointing()
+
+
+def make_discriminator(ch, size):
+    """SD1.5 head (METHOD.md section 6) for (ch, size, size) mid-block features: 8x8 at 512 px gives one
+    logit; other sizes give a logit map (the last kernel shrinks for maps under 4x4)."""
+    s = (size + 2 - 4) // 2 + 1 if size >= 2 else size
+    return nn.Sequential(
+        nn.Conv2d(ch, 64, 3, 1, 1), nn.SiLU(),
+        nn.Conv2d(64, 128, 4, 2, 1, bias=False) if size >= 2 else nn.Conv2d(64, 128, 3, 1, 1, bias=False),
+        nn.SiLU(), nn.GroupNorm(4, 128),
+        nn.Conv2d(128, 1, min(4, s), 1, 0, bias=False), nn.Flatten())
+
+
+# ------------------------------------------------------------------------------------------------------
+# one training step (METHOD.md section 3)
+# ------------------------------------------------------------------------------------------------------
+
+def train_step(m, batch, step, args, stop_requested=False):
+    """One batch: one forward, a generator (LoRA) update, a discriminator update. `m` holds the models
+    (see main). Returns ({loss name: tensor}, updated?, stop?)."""
+    dev, abar = m.device, m.alphas_cumprod
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+    phase = common.phase_of(step, args.phase_steps)
+    B = batch["pixel_values"].shape[0]
+
+    # 1. data: latents and text conditioning
+    with torch.no_grad(), autocast:
+        pixels = batch["pixel_values"].to(dev, non_blocking=True)
+        z0 = m.vae.encode(pixels).latent_dist.sample().float() * m.vae.config.scaling_factor
+        cond = encode_text(m.tokenizer, m.text_encoder, batch["text"], dev)
+    uncond = m.uncond.expand(B, -1, -1)
+
+    # 2. start index k from the phase's mixture; x_t on the teacher's trailing grid (pure noise at k = 0)
+    K = args.num_teacher_steps
+    m.teacher_sched.set_timesteps(K, device=dev)  # also resets the multistep solver's state
+    ts = m.teacher_sched.timesteps
+    k = common.sample_start_index(m.start_probs[phase])
+    t = ts[k].expand(B)
+    eps = torch.randn_like(z0)
+    x_t = eps if k == 0 else common.renoise(z0, eps, t, abar)
+
+    # 3. student: one step, with the LCM boundary scalings
+    with autocast:
+        eps_s = denoise(m.student, x_t, t, cond)
+    a = common.bcast(abar[t], x_t)
+    x0_s = (x_t - (1 - a).sqrt() * eps_s) / a.sqrt()
+    c_skip, c_out = (common.bcast(c, x_t) for c in common.lcm_boundary(t.float()))
+    x_hat = c_skip * x_t + c_out * x0_s
+
+    # 4. teacher: solve from ts[k] to 0 with CFG, w ~ U[g_min, g_max] once per batch
+    w = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
+    with torch.no_grad(), autocast, teacher_mode(m.unet):
+        x = x_t
+        for tau in ts[k:]:
+            x = m.teacher_sched.step(cfg_eps(m.net, x, tau.expand(B), cond, uncond, w), tau, x).prev_sample
+    x_T = x.float()
+
+    # 5. generator losses
+    l_dist, l_dmd, l_adv = (args.distill_weights[phase], args.dmd_weights[phase], args.adv_weights[phase])
+    zero = torch.zeros((), device=dev)
+    losses = dict(distill=zero, dmd=zero, adv=zero)
+    with autocast:
+        if l_dist > 0:
+            losses["distill"] = common.distill_loss(x_hat, x_T, args.distill_loss, m.decode, m.lpips)
+        if l_dmd > 0:  # 5b. DMD: teacher with CFG is the real score, the student itself the fake score
+            t2 = torch.randint(0, len(abar), (B,), device=dev)
+            y = common.renoise(x_hat.detach(), torch.randn_like(x_hat), t2, abar)
+            w2 = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
+            with torch.no_grad():
+                with teacher_mode(m.unet):
+                    e_real = cfg_eps(m.net, y, t2, cond, uncond, w2)
+                e_fake = denoise(m.net, y, t2, cond)
+            losses["dmd"] = common.dmd_loss(x_hat, y, e_real, e_fake, abar[t2])
+        # 5c. GAN: frozen-teacher mid-block features of re-noised fake and real latents, same noise
+        s = torch.tensor(GAN_TIMESTEPS, device=dev)[torch.randint(0, len(GAN_TIMESTEPS), (B,), device=dev)]
+        n = torch.randn_like(x_hat)
+        real = x_T if args.teacher_as_real else z0
+        fake_in = common.renoise(x_hat if l_adv > 0 else x_hat.detach(), n, s, abar)
+        with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.unet, no_checkpointing=True):
+            feats = m.features(m.unet, torch.cat([fake_in, common.renoise(real, n, s, abar)]),
+                               torch.cat([s, s]), torch.cat([cond, cond]))
+        f_fake, f_real = feats.float().chunk(2)
+        if l_adv > 0:
+            m.disc.requires_grad_(False)  # D is not trained by the generator's loss
+            losses["adv"] = common.gan_g_loss(m.disc(f_fake), args.gan_loss)
+    loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
+    m.opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    m.disc.requires_grad_(True)
+
+    # 6. discriminator update on the detached fake (and real) features, in every phase
+    with autocast:
+        logits_real, logits_fake = m.disc_ddp(torch.cat([f_real, f_fake]).detach()).float().chunk(2)
+        losses["disc"] = common.gan_d_loss(logits_real, logits_fake, args.gan_loss)
+    m.opt_d.zero_grad(set_to_none=True)
+    losses["disc"].backward()
+
+    # 7. skip both updates if any rank saw a non-finite loss (one small all-reduce, also carrying stop)
+    nonfinite, stop = common.check_finite_and_stop([loss_g, losses["disc"]], stop_requested, dev)
+    if not nonfinite:
+        m.opt_g.step()
+        m.opt_d.step()
+    losses.update(loss_g=loss_g.detach(), phase=torch.tensor(float(phase)), t=t[0].float(),
+                  w=torch.tensor(w))
+    return {k_: v.detach() for k_, v in losses.items()}, not nonfinite, stop
+
+
+# ------------------------------------------------------------------------------------------------------
+# validation, export, checkpoints
+# ------------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_grid(m, args, step):
+    """Teacher (DPM-Solver++, 25 steps, CFG 7.5) beside the student (LCM, 1/2/4 steps, no CFG), on the
+    validation prompts with a fixed generator; rows are prompts."""
+    from diffusers import DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+                                   scheduler=LCMScheduler.from_config(m.sched_config, timestep_spacing="trailing"),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    autocast = torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+
+    def run(steps, guidance):
+        g = torch.Generator(m.device).manual_seed(args.seed)
+        with autocast:
+            return pipe(args.validation_prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                        height=args.resolution, width=args.resolution).images
+
+    columns = {f"student {n} step{'s' * (n > 1)}": run(n, 0.0) for n in (1, 2, 4)}
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(m.sched_config, algorithm_type="dpmsolver++")
+    with teacher_mode(m.unet):
+        columns = {"teacher 25 steps": run(25, 7.5), **columns}
+    grid = common.image_grid([list(r) for r in zip(*columns.values())], labels=list(columns))
+    path = os.path.join(args.output_dir, "samples", f"step_{step:06d}.png")
+    grid.save(path)
+    return path
+
+
+def export_lora(unet, out_dir):
+    """pytorch_lora_weights.safetensors that StableDiffusionPipeline.load_lora_weights(out_dir) loads, with
+    the LoRA config (rank, alpha) in its metadata so the scale is right."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    StableDiffusionPipeline.save_lora_weights(
+        out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
+        unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+
+
+def training_state(m, args, step, counters):
+    from peft.utils import get_peft_model_state_dict
+    return dict(step=step, config=vars(args), counters=dict(counters),
+                lora={k: v.detach().cpu() for k, v in get_peft_model_state_dict(m.unet).items()},
+                disc={k: v.detach().cpu() for k, v in m.disc.state_dict().items()},
+                opt_g=m.opt_g.state_dict(), opt_d=m.opt_d.state_dict(), rng=common.gather_rng_states(m.device))
+
+
+def restore(m, state, rank):
+    from peft.utils import set_peft_model_state_dict
+    if state["config"]["lora_rank"] != m.args.lora_rank:
+        raise ValueError(f"--resume: the checkpoint has --lora_rank {state['config']['lora_rank']}, "
+                         f"this run {m.args.lora_rank}; resume with the same LoRA settings")
+    set_peft_model_state_dict(m.unet, {k: v.to(m.device) for k, v in state["lora"].items()})
+    m.disc.load_state_dict(state["disc"])
+    m.opt_g.load_state_dict(state["opt_g"])
+    m.opt_d.load_state_dict(state["opt_d"])
+    if not common.set_rng_state(state["rng"], rank, m.device):
+        torch.manual_seed(data_seed(m.args, rank, state["step"]))
+    return state["step"], state["counters"]
+
+
+def data_seed(args, rank, step):
+    return args.seed + rank + 100_003 * step
+
+
+# ------------------------------------------------------------------------------------------------------
+# main
+# ------------------------------------------------------------------------------------------------------
+
+class Models:
+    """Plain holder of what a training step needs (no behaviour)."""
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    resume_dir = check_args(args)
+    rank, world_size, device = common.setup_distributed()
+    if rank == 0:
+        common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    common.barrier()
+    log = common.get_logger(rank, args.output_dir)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)  # same LoRA and head init on every rank (DDP also broadcasts rank 0's)
+
+    m = Models()
+    m.args, m.device = args, device
+    m.lpips = common.make_lpips().to(device).requires_grad_(False).eval() if args.distill_loss == "lpips" else None
+    weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
+    m.tokenizer, m.text_encoder, m.vae, m.unet, m.teacher_sched, m.sched_config = load_models(args, device, weight_dtype)
+    m.alphas_cumprod = m.teacher_sched.alphas_cumprod.to(device, torch.float32)
+    m.uncond = encode_text(m.tokenizer, m.text_encoder, [""], device)  # SD1.5: the empty prompt
+    m.decode = lambda z: m.vae.decode(z / m.vae.config.scaling_factor).sample
+    m.start_probs = [common.start_index_probs(args.num_teacher_steps, pi, args.timestep_distribution)
+                     for pi in common.MODE_PROBS]
+
+    # discriminator head, sized from the mid-block feature shape at this resolution
+    latent = args.resolution // 2 ** (len(m.vae.config.block_out_channels) - 1)
+    with torch.no_grad(), teacher_mode(m.unet):
+        z = torch.zeros(1, m.unet.config.in_channels, latent, latent, device=device, dtype=weight_dtype)
+        f = mid_features(m.unet, z, torch.zeros(1, device=device, dtype=torch.long), m.uncond.to(weight_dtype))
+    m.disc = make_discriminator(f.shape[1], f.shape[-1]).to(device)
+    # torch.compile wraps (not replaces) the UNet: training calls go through m.net, validation and export
+    # use the plain module, so saved keys never carry a compile prefix
+    m.net = torch.compile(m.unet, dynamic=False) if args.compile else m.unet
+    m.features = torch.compile(mid_features, dynamic=False) if args.compile else mid_features
+    # DDP wraps only what trains: the student call (its LoRA grads) and the discriminator head
+    ddp = world_size > 1
+    ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
+    m.student = DDP(m.net, broadcast_buffers=False, **ddp_kw) if ddp else m.net
+    m.disc_ddp = DDP(m.disc, **ddp_kw) if ddp else m.disc
+    lora_params = [p for p in m.unet.parameters() if p.requires_grad]
+    fused = dict(fused=True) if device.type == "cuda" else {}
+    m.opt_g = torch.optim.AdamW(lora_params, lr=args.lr, **fused)
+    m.opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.lr_disc, **fused)
+    log.info(f"LoRA {sum(p.numel() for p in lora_params) / 1e6:.2f}M + discriminator "
+             f"{sum(p.numel() for p in m.disc.parameters()) / 1e6:.2f}M trainable parameters; "
+             f"{world_size} process(es) on {device.type}")
+
+    step, counters = 0, dict(nonfinite=0)
+    if resume_dir:
+        step, counters = restore(m, common.load_training_state(resume_dir), rank)
+        log.info(f"resumed from {resume_dir} at step {step}")
+    else:
+        torch.manual_seed(args.seed + rank)
+    total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
+    loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers,
+                                args.min_aesthetic, seed=data_seed(args, 0, step))
+    export = lambda d: export_lora(m.unet, d)  # noqa: E731
+
+    stop_signal = common.StopSignal()
+    sums, n_sum, in_a_row, t0, last = {}, 0, 0, time.time(), {}
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="flash_sd", dynamic_ncols=True)
+    data = iter(loader)
+    try:
+        while step < total:
+            losses, updated, stop = train_step(m, next(data), step, args, stop_signal.requested)
+            if not updated:
+                counters["nonfinite"] += 1
+                in_a_row += 1
+                log.info(f"step {step}: non-finite loss, update skipped ({in_a_row} in a row)")
+                if in_a_row >= MAX_NONFINITE:
+                    raise RuntimeError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; the last good "
+                                       f"checkpoint is in {args.output_dir}/checkpoints. Try a lower --lr, "
+                                       "--mixed_precision no, or check the data.")
+            else:
+                in_a_row, step = 0, step + 1
+                bar.update(1)
+                for k_, v in losses.items():
+                    sums[k_] = sums.get(k_, 0) + v
+                n_sum += 1
+            if updated and (step % args.log_every == 0 or step == total):
+                last = common.mean_over_ranks(sums, n_sum, device)
+                data_counts = common.sum_counts_over_ranks(loader.counts, device)
+                record = dict(step=step, phase=common.phase_of(step - 1, args.phase_steps),
+                              K=args.num_teacher_steps, t=losses["t"].item(),
+                              **{k_: v for k_, v in last.items() if k_ not in ("phase", "t")},
+                              it_per_s=n_sum / (time.time() - t0), peak_mem_gb=common.peak_memory_gb(device),
+                              nonfinite=counters["nonfinite"], data=data_counts)
+                if rank == 0:
+                    common.append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), record)
+                bar.set_postfix(phase=record["phase"], g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
+                sums, n_sum, t0 = {}, 0, time.time()
+            if updated and (step % args.sample_every == 0 or step == total):
+                if rank == 0:
+                    log.info(f"samples: {sample_grid(m, args, step)}")
+                common.barrier()
+            if updated and (step % args.checkpoint_every == 0 or step == total) or stop:
+                common.save_checkpoint(args.output_dir, step, training_state(m, args, step, counters), export,
+                                       args.keep_checkpoints)
+                log.info(f"checkpoint at step {step}")
+            if stop:
+                log.info(f"stop requested: saved step {step}; continue with --resume latest")
+                break
+        if step >= total:
+            if rank == 0:
+                export_lora(m.unet, args.output_dir)
+                log.info(f"done: LoRA in {args.output_dir}/pytorch_lora_weights.safetensors")
+            common.barrier()
+    finally:
+        bar.close()
+        stop_signal.restore()
+        common.cleanup_distributed()
+    return dict(step=step, last=last, counters=counters)
+
+
+if __name__ == "__main__":
+    main()

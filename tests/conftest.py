@@ -1,0 +1,127 @@
+"""Session fixtures: a tiny random SD1.5-layout diffusers folder and tiny webdataset shards, written here
+so that the real loading code runs offline."""
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> printable character map, which byte-level BPE vocabularies use."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+def byte_clip_tokenizer():
+    """A CLIP BPE tokenizer over bytes, built in memory (no Hub): every byte is a token, with and without
+    the end-of-word marker, plus a few word merges; start/end of text are the two highest ids."""
+    from transformers import CLIPTokenizer
+    chars = list(bytes_to_unicode().values())
+    vocab = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    merges = [("a", "n</w>"), ("t", "h"), ("th", "e</w>")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def make_sd_pipeline(path, seed=0):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    tok = byte_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, sample_size=32)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+        vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
+        max_position_embeddings=77))
+    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (30, 60, 220), "yellow": (230, 220, 40)}
+
+
+def random_image(rng, size=40, mode="RGB"):
+    from PIL import Image
+    arr = rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)
+    return Image.fromarray(arr).convert(mode)
+
+
+def encode(img, fmt="JPEG"):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_shard(path, samples):
+    """samples: list of dicts {key: bytes or dict}; dicts are written as json."""
+    import webdataset as wds
+    with wds.TarWriter(str(path)) as sink:
+        for i, s in enumerate(samples):
+            stem = os.path.basename(str(path)).split(".")[0]
+            out = {"__key__": s.pop("__key__", f"{stem}_{i:05d}")}
+            for k, v in s.items():
+                out[k] = json.dumps(v).encode() if isinstance(v, dict) else v
+            sink.write(out)
+    return str(path)
+
+
+def good_samples(n, rng, tag="", score=7.0):
+    return [dict(jpg=encode(random_image(rng)), json={"caption": f"a {c} square {tag}{i}", "aesthetic_score": score})
+            for i, c in zip(range(n), list(COLOURS) * n)]
+
+
+@pytest.fixture(scope="session")
+def sd_model(tmp_path_factory):
+    return make_sd_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd"))
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory):
+    d = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    return [write_shard(d / f"train-{i}.tar", good_samples(16, rng, tag=f"s{i}-")) for i in range(2)]
+
+
+@pytest.fixture(autouse=True)
+def _offline_lpips(monkeypatch):
+    """LPIPS's VGG trunk cannot be downloaded here: build it with a random trunk (its real linear heads).
+    The product itself always asks for the real weights."""
+    import lpips
+    import common
+    monkeypatch.setattr(common, "make_lpips", lambda: lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True,
+                                                                  verbose=False))
