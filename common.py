@@ -29,6 +29,10 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_FILTERED = 500  # samples read with none passing the filters before we stop and say why
 
 
+class UsageError(ValueError):
+    """A bad flag or input found at start-up; the message names the flag and the fix."""
+
+
 # ------------------------------------------------------------------------------------------------------
 # 1. data
 # ------------------------------------------------------------------------------------------------------
@@ -44,7 +48,7 @@ def expand_shards(patterns):
                 continue
             found = sorted(glob.glob(os.path.expanduser(url)))
             if not found:
-                raise ValueError(f"--shards: {url!r} (from {pattern!r}) matches no file; "
+                raise UsageError(f"--shards: {url!r} (from {pattern!r}) matches no file; "
                                  "give tar shards such as 'data/{00000..00099}.tar'")
             urls += found
     return urls
@@ -459,11 +463,11 @@ def resolve_resume(resume, output_dir):
     if resume == "latest":
         ckpts = list_checkpoints(output_dir)
         if not ckpts:
-            raise ValueError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
+            raise UsageError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
                              "drop --resume to start a new run")
         return ckpts[-1]
     if not os.path.isfile(os.path.join(resume, "training_state.pt")):
-        raise ValueError(f"--resume {resume}: no training_state.pt there; give a checkpoints/step_NNNNNN folder "
+        raise UsageError(f"--resume {resume}: no training_state.pt there; give a checkpoints/step_NNNNNN folder "
                          "or 'latest'")
     return resume
 
@@ -474,7 +478,7 @@ def check_output_dir(output_dir, resume, overwrite):
     used = os.path.isdir(output_dir) and any(
         os.path.exists(os.path.join(output_dir, n)) for n in ("checkpoints", "metrics.jsonl"))
     if used and not resume and not overwrite:
-        raise ValueError(f"--output_dir {output_dir} already holds a run; pass --resume latest to continue it, "
+        raise UsageError(f"--output_dir {output_dir} already holds a run; pass --resume latest to continue it, "
                          "--overwrite to start over there, or choose another --output_dir")
 
 
@@ -583,6 +587,9 @@ def image_grid(rows, labels=None):
     """rows: list of lists of PIL images (same size) -> one PIL image, with optional column labels."""
     from PIL import ImageDraw
     w, h = rows[0][0].size
+    if w < 128:  # tiny test and toy models: upscale so the pictures and labels can be seen
+        rows = [[img.resize((128, 128 * h // w), Image.NEAREST) for img in row] for row in rows]
+        w, h = rows[0][0].size
     top = 14 if labels else 0
     grid = Image.new("RGB", (w * len(rows[0]), h * len(rows) + top), "white")
     if labels:

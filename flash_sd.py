@@ -19,6 +19,7 @@ Use the result with a stock pipeline: pipe.load_lora_weights(output_dir), LCMSch
 """
 import argparse
 import contextlib
+import math
 import os
 import time
 
@@ -91,23 +92,23 @@ def check_args(args):
     """Everything that can be checked before a model is loaded; raises ValueError naming the flag."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     if args.guidance_min > args.guidance_max:
-        raise ValueError("--guidance_min must not exceed --guidance_max")
+        raise common.UsageError("--guidance_min must not exceed --guidance_max")
     if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
-        raise ValueError("--phase_steps: four non-negative batch counts with a positive sum")
+        raise common.UsageError("--phase_steps: four non-negative batch counts with a positive sum")
     for flag in ("batch_size", "num_teacher_steps", "log_every", "sample_every", "checkpoint_every", "resolution"):
         if getattr(args, flag) <= 0:
-            raise ValueError(f"--{flag} must be positive")
+            raise common.UsageError(f"--{flag} must be positive")
     common.expand_shards(args.shards)
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
         unet_cfg = UNet2DConditionModel.load_config(args.model, subfolder="unet")
     except Exception as e:
-        raise ValueError(f"--model {args.model}: cannot read a diffusers SD1.5 layout there (vae/ and unet/ "
+        raise common.UsageError(f"--model {args.model}: cannot read a diffusers SD1.5 layout there (vae/ and unet/ "
                          f"configs): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    # the latent must survive every UNet downsampling, and the mid block must be at least 1x1
-    factor = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
+    # the latent must survive every UNet downsampling; the stock pipeline (validation) wants multiples of 8
+    factor = math.lcm(8, 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1))
     if args.resolution % factor:
-        raise ValueError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model "
+        raise common.UsageError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model "
                          f"(VAE and UNet downsampling), e.g. {max(factor, args.resolution // factor * factor)}")
     common.check_output_dir(args.output_dir, args.resume, args.overwrite)
     return common.resolve_resume(args.resume, args.output_dir)
@@ -122,11 +123,11 @@ def load_models(args, device, weight_dtype):
     from peft import LoraConfig
     from transformers import CLIPTextModel, CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder")
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae")
-    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet")
+    text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", dtype=weight_dtype)
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=weight_dtype)
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", dtype=weight_dtype)
     for m in (text_encoder, vae, unet):
-        m.requires_grad_(False).eval().to(device, weight_dtype)
+        m.requires_grad_(False).eval().to(device)
     # student = unet + LoRA; teacher = the same unet with the LoRA disabled (one copy of the weights)
     unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
                                 target_modules=LORA_TARGETS))
@@ -189,6 +190,18 @@ def teacher_mode(unet, no_checkpointing=False):
             unet.enable_gradient_checkpointing()
 
 
+@torch.no_grad()
+def teacher_solve(m, x_t, k, cond, uncond, w):
+    """K-step DPM-Solver++ with CFG from ts[k] down to 0 (m.teacher_sched.set_timesteps(K) done by the
+    caller, which also resets the solver's multistep state)."""
+    with teacher_mode(m.unet):
+        x = x_t
+        for tau in m.teacher_sched.timesteps[k:]:
+            e = cfg_eps(m.net, x, tau.expand(len(x)), cond, uncond, w)
+            x = m.teacher_sched.step(e, tau, x).prev_sample
+    return x.float()
+
+
 def make_discriminator(ch, size):
     """SD1.5 head (METHOD.md section 6) for (ch, size, size) mid-block features: 8x8 at 512 px gives one
     logit; other sizes give a logit map (the last kernel shrinks for maps under 4x4)."""
@@ -238,11 +251,8 @@ def train_step(m, batch, step, args, stop_requested=False):
 
     # 4. teacher: solve from ts[k] to 0 with CFG, w ~ U[g_min, g_max] once per batch
     w = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
-    with torch.no_grad(), autocast, teacher_mode(m.unet):
-        x = x_t
-        for tau in ts[k:]:
-            x = m.teacher_sched.step(cfg_eps(m.net, x, tau.expand(B), cond, uncond, w), tau, x).prev_sample
-    x_T = x.float()
+    with autocast:
+        x_T = teacher_solve(m, x_t, k, cond, uncond, w)
 
     # 5. generator losses
     l_dist, l_dmd, l_adv = (args.distill_weights[phase], args.dmd_weights[phase], args.adv_weights[phase])
@@ -347,7 +357,7 @@ def training_state(m, args, step, counters):
 def restore(m, state, rank):
     from peft.utils import set_peft_model_state_dict
     if state["config"]["lora_rank"] != m.args.lora_rank:
-        raise ValueError(f"--resume: the checkpoint has --lora_rank {state['config']['lora_rank']}, "
+        raise common.UsageError(f"--resume: the checkpoint has --lora_rank {state['config']['lora_rank']}, "
                          f"this run {m.args.lora_rank}; resume with the same LoRA settings")
     set_peft_model_state_dict(m.unet, {k: v.to(m.device) for k, v in state["lora"].items()})
     m.disc.load_state_dict(state["disc"])
@@ -480,8 +490,12 @@ def main(argv=None):
         bar.close()
         stop_signal.restore()
         common.cleanup_distributed()
-    return dict(step=step, last=last, counters=counters)
+    m.step, m.last, m.counters = step, last, counters
+    return m
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except common.UsageError as e:
+        raise SystemExit(f"flash_sd.py: error: {e}")

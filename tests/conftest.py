@@ -117,11 +117,13 @@ def shards(tmp_path_factory):
     return [write_shard(d / f"train-{i}.tar", good_samples(16, rng, tag=f"s{i}-")) for i in range(2)]
 
 
-@pytest.fixture(autouse=True)
-def _offline_lpips(monkeypatch):
+@pytest.fixture(scope="session", autouse=True)
+def _offline_lpips():
     """LPIPS's VGG trunk cannot be downloaded here: build it with a random trunk (its real linear heads).
     The product itself always asks for the real weights."""
     import lpips
     import common
-    monkeypatch.setattr(common, "make_lpips", lambda: lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True,
-                                                                  verbose=False))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "make_lpips", lambda: lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True,
+                                                             verbose=False))
+        yield

@@ -1,0 +1,476 @@
+"""flash_sd.py end to end on a tiny random SD1.5-layout model and tiny shards: the real code paths, on CPU."""
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT, encode, good_samples, random_image, write_shard
+
+import common
+import flash_sd
+
+
+def argv(model, shards, out, *extra):
+    return ["--model", model, "--shards", *shards, "--output_dir", str(out), "--resolution", "32",
+            "--batch_size", "2", "--phase_steps", "1", "1", "1", "1", "--num_teacher_steps", "4",
+            "--mixed_precision", "no", "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "4",
+            "--log_every", "1", "--sample_every", "100", "--checkpoint_every", "100",
+            "--validation_prompts", "a red square", "a blue circle", *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def tiny_args(model, shards, out, *extra):
+    return flash_sd.parse_args(argv(model, shards, out, *extra))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# command line and start-up checks
+# ---------------------------------------------------------------------------------------------------------
+
+CONTRACT = ["--model", "--shards", "--output_dir", "--resolution", "--batch_size", "--phase_steps", "--max_steps",
+            "--num_teacher_steps", "--guidance_min", "--guidance_max", "--lr", "--lr_disc", "--lora_rank",
+            "--lora_alpha", "--distill_loss", "--gan_loss", "--teacher_as_real", "--min_aesthetic",
+            "--mixed_precision", "--compile", "--gradient_checkpointing", "--num_workers", "--seed", "--log_every",
+            "--sample_every", "--checkpoint_every", "--keep_checkpoints", "--resume", "--validation_prompts"]
+
+
+def test_help_shows_the_contract_with_paper_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        flash_sd.parse_args(["-h"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in CONTRACT:
+        assert flag in text, flag
+    args = flash_sd.parse_args(["--shards", "x.tar"])
+    assert (args.model, args.resolution, args.batch_size) == ("runwayml/stable-diffusion-v1-5", 512, 4)
+    assert args.phase_steps == [2500] * 4 and args.num_teacher_steps == 32
+    assert (args.guidance_min, args.guidance_max, args.lr, args.lr_disc) == (3.0, 13.0, 1e-5, 1e-5)
+    assert (args.lora_rank, args.lora_alpha, args.min_aesthetic) == (128, 128, 6.0)
+    assert args.dmd_weights == [0, .3, .5, .7] and args.adv_weights == [0, .1, .2, .3]
+    assert (args.distill_loss, args.gan_loss, args.mixed_precision) == ("lpips", "lsgan", "bf16")
+
+
+def test_unknown_flag_fails():
+    with pytest.raises(SystemExit) as e:
+        flash_sd.parse_args(["--shards", "x.tar", "--learning_rate", "1"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("case, flag", [("shards", "--shards"), ("model", "--model"), ("resolution", "--resolution"),
+                                        ("output", "--resume"), ("guidance", "--guidance_min")])
+def test_bad_start_up_input_is_one_clear_error(sd_model, shards, tmp_path, case, flag):
+    out = tmp_path / "run"
+    a = argv(sd_model, shards, out)
+    if case == "shards":
+        a[a.index("--shards") + 1] = str(tmp_path / "missing-{0..3}.tar")
+    elif case == "model":
+        a[a.index("--model") + 1] = str(tmp_path / "no-model-here")
+    elif case == "resolution":
+        a[a.index("--resolution") + 1] = "36"  # must be a multiple of 8
+    elif case == "output":
+        out.mkdir()
+        (out / "metrics.jsonl").write_text("{}\n")
+    elif case == "guidance":
+        a += ["--guidance_min", "9", "--guidance_max", "3"]
+    with pytest.raises(common.UsageError) as e:
+        flash_sd.main(a)
+    msg = str(e.value)
+    assert flag in msg and "\n" not in msg
+    if case == "output":
+        assert "--overwrite" in msg
+
+
+def test_cli_prints_one_line_error(shards, tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "flash_sd.py"), "--shards", str(tmp_path / "none.tar"),
+                        "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert r.returncode == 1
+    assert r.stderr.strip().splitlines()[-1].startswith("flash_sd.py: error: --shards")
+    assert "Traceback" not in r.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the backbone pieces
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loaded(sd_model, shards, tmp_path_factory):
+    args = tiny_args(sd_model, shards, tmp_path_factory.mktemp("o"))
+    return args, flash_sd.load_models(args, torch.device("cpu"), torch.float32)
+
+
+def test_teacher_is_the_base_model_and_the_lora_trains_the_student(loaded, sd_model):
+    from diffusers import UNet2DConditionModel
+    args, (tok, te, vae, unet, sched, _) = loaded
+    base = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet")
+    torch.manual_seed(0)
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([999, 500]), torch.randn(2, 77, 32)
+    with torch.no_grad():
+        ref = base(x, t, encoder_hidden_states=c).sample
+        with flash_sd.teacher_mode(unet):
+            assert torch.equal(unet(x, t, encoder_hidden_states=c).sample, ref)
+    # one optimizer step on the LoRA moves the student but not the teacher
+    lora = [p for p in unet.parameters() if p.requires_grad]
+    assert lora and all(p.dtype == torch.float32 for p in lora)
+    n_attn = sum(1 for n, _ in unet.named_modules() if n.endswith(("attn1", "attn2")))
+    assert len(lora) == n_attn * 4 * 2  # q, k, v, out of every attention, A and B
+    opt = torch.optim.AdamW(lora, lr=1e-2)
+    unet(x, t, encoder_hidden_states=c).sample.square().mean().backward()
+    opt.step()
+    opt.zero_grad()
+    with torch.no_grad():
+        student = unet(x, t, encoder_hidden_states=c).sample
+        with flash_sd.teacher_mode(unet):
+            teacher = unet(x, t, encoder_hidden_states=c).sample
+    assert torch.equal(teacher, ref)
+    assert (student - ref).abs().max() > 1e-4
+    assert sum(p.numel() for p in base.parameters()) == sum(p.numel() for n, p in unet.named_parameters()
+                                                           if "lora_" not in n)  # one copy of the weights
+
+
+def test_mid_features_equal_the_mid_block_output_of_the_full_forward(loaded):
+    args, (tok, te, vae, unet, sched, _) = loaded
+    seen = []
+    hook = unet.mid_block.register_forward_hook(lambda mod, i, o: seen.append(o))
+    torch.manual_seed(1)
+    x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([10, 750]), torch.randn(2, 77, 32)
+    with torch.no_grad(), flash_sd.teacher_mode(unet):
+        unet(x, t, encoder_hidden_states=c)
+        feats = flash_sd.mid_features(unet, x, t, c)
+    hook.remove()
+    assert feats.shape == (2, 64, 8, 8)
+    torch.testing.assert_close(feats, seen[0], rtol=0, atol=1e-6)
+    d = flash_sd.make_discriminator(64, 8)
+    assert d(feats).shape == (2, 1)  # 8x8 -> k3 s1 -> 8x8 -> k4 s2 -> 4x4 -> k4 s1 p0 -> one logit
+    for size, logits in ((16, 25), (2, 1), (1, 1)):  # other feature sizes: a logit map, never a shape error
+        assert flash_sd.make_discriminator(64, size)(torch.randn(3, 64, size, size)).shape == (3, logits)
+    assert flash_sd.make_discriminator(1280, 8)(torch.randn(1, 1280, 8, 8)).shape == (1, 1)  # SD1.5 at 512 px
+
+
+def test_sd15_discriminator_head_size_matches_the_published_count():
+    lora = sum(128 * (i + o) for i, o in SD15_ATTN_PROJECTIONS)  # A: r x in, B: out x r
+    head = sum(p.numel() for p in flash_sd.make_discriminator(1280, 8).parameters())
+    assert abs((lora + head) / 1e6 - 26.4) < 0.1  # METHOD.md: LoRA + D = 26.4M for SD1.5
+
+
+def _sd15_attention_projections():
+    """(in, out) of every to_q/to_k/to_v/to_out.0 in the real SD1.5 UNet (16 transformer blocks)."""
+    dims = [320] * 2 + [640] * 2 + [1280] * 2 + [1280] + [1280] * 3 + [640] * 3 + [320] * 3
+    out = []
+    for d in dims:
+        out += [(d, d)] * 4  # self-attention q, k, v, out
+        out += [(d, d), (768, d), (768, d), (d, d)]  # cross-attention: k, v read the 768-d text states
+    return out
+
+
+SD15_ATTN_PROJECTIONS = _sd15_attention_projections()
+
+
+def test_teacher_solve_matches_the_stock_pipeline(loaded):
+    """Our K-step CFG solve from pure noise is exactly StableDiffusionPipeline with DPM-Solver++ (trailing)."""
+    from diffusers import StableDiffusionPipeline
+    args, (tok, te, vae, unet, sched, _) = loaded
+    m = flash_sd.Models()
+    m.unet = m.net = unet
+    m.teacher_sched = sched
+    cond = flash_sd.encode_text(tok, te, ["a red square", "a blue circle"], torch.device("cpu"))
+    uncond = flash_sd.encode_text(tok, te, [""], torch.device("cpu")).expand(2, -1, -1)
+    torch.manual_seed(0)
+    x_t = torch.randn(2, 4, 16, 16)
+    sched.set_timesteps(4)
+    ours = flash_sd.teacher_solve(m, x_t, 0, cond, uncond, 5.0)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    with flash_sd.teacher_mode(unet):
+        stock = pipe(["a red square", "a blue circle"], num_inference_steps=4, guidance_scale=5.0, latents=x_t,
+                     output_type="latent", height=32, width=32).images
+    torch.testing.assert_close(ours, stock.float() / vae.config.scaling_factor * vae.config.scaling_factor,
+                               rtol=1e-4, atol=1e-4)
+    # from a later start index the solve runs only the remaining steps
+    sched.set_timesteps(4)
+    assert list(sched.timesteps) == [999, 749, 499, 249]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# whole runs through main(argv)
+# ---------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def messy_shards(tmp_path_factory):
+    """Odd image modes and an over-long caption (all usable) among more bad samples of every kind, so a short
+    run is sure to meet each kind."""
+    rng = np.random.default_rng(1)
+    d = tmp_path_factory.mktemp("messy")
+    good = encode(random_image(rng))
+    samples = [
+        dict(png=encode(random_image(rng, 12, "L"), "PNG"), json={"caption": "small grey", "aesthetic_score": 7}),
+        dict(png=encode(random_image(rng, 40, "P"), "PNG"), json={"caption": "palette", "aesthetic_score": 7}),
+        dict(webp=encode(random_image(rng, 40, "RGBA"), "WEBP"), json={"caption": "rgba", "aesthetic_score": 7}),
+        dict(jpg=encode(random_image(rng, 40, "CMYK")), json={"caption": "cmyk", "aesthetic_score": 7}),
+        dict(jpg=good, json={"caption": "long " * 200, "aesthetic_score": 7}),
+    ]
+    for i in range(4):
+        samples += [
+            dict(jpg=b"not an image at all", json={"caption": "corrupt", "aesthetic_score": 7}),
+            dict(jpg=good[: len(good) // 2], json={"caption": "truncated", "aesthetic_score": 7}),
+            dict(json={"caption": "no image", "aesthetic_score": 7}),
+            dict(jpg=good, json={"aesthetic_score": 7}),
+            dict(jpg=good),
+        ]
+    return [write_shard(d / "messy.tar", samples)]
+
+
+@pytest.fixture(scope="module")
+def e2e_run(sd_model, shards, messy_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    m = flash_sd.main(argv(sd_model, messy_shards, out, "--lr", "3e-3", "--lr_disc", "3e-3", "--lora_alpha", "8",
+                           "--sample_every", "4", "--checkpoint_every", "2", "--keep_checkpoints", "1"))
+    return out, m
+
+
+def test_end_to_end_writes_metrics_samples_checkpoints_and_lora(e2e_run):
+    out, m = e2e_run
+    rows = metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["phase"] for r in rows] == [0, 1, 2, 3]
+    assert all(r["K"] == 4 and r["t"] in (999, 749, 499, 249) for r in rows)
+    # active terms are non-zero, inactive ones exactly zero: warm-up has no DMD and no GAN term
+    assert rows[0]["dmd"] == 0 and rows[0]["adv"] == 0 and rows[0]["distill"] > 0 and rows[0]["disc"] > 0
+    for r in rows[1:]:
+        assert r["dmd"] > 0 and r["adv"] > 0 and r["distill"] > 0 and r["disc"] > 0
+    assert all(np.isfinite(r["loss_g"]) and r["it_per_s"] > 0 and r["peak_mem_gb"] > 0 for r in rows)
+    # bad samples were skipped and counted; nothing non-finite
+    data = rows[-1]["data"]
+    assert data["bad_image"] >= 2 and data["no_caption"] >= 2 and rows[-1]["nonfinite"] == 0
+    assert data["read"] >= 8 + data["bad_image"] + data["no_caption"]
+    # one checkpoint kept (the newest), the grid, the final LoRA
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000004"]
+    assert set(os.listdir(out / "checkpoints" / "step_000004")) == {"training_state.pt",
+                                                                   "pytorch_lora_weights.safetensors"}
+    from PIL import Image
+    grid = Image.open(out / "samples" / "step_000004.png")
+    assert grid.size == (4 * 128, 2 * 128 + 14)  # 4 columns (teacher, student 1/2/4) x 2 prompts, upscaled
+    assert np.asarray(grid).std() > 10
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_final_lora_loads_into_a_stock_pipeline_and_changes_it(e2e_run, sd_model):
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    from safetensors import safe_open
+    out, m = e2e_run
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (meta["unet.r"], meta["unet.lora_alpha"]) == (4, 8)  # scale alpha / r = 2 travels with the file
+    pipe = StableDiffusionPipeline.from_pretrained(sd_model, safety_checker=None, requires_safety_checker=False)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a red square", num_inference_steps=4, guidance_scale=0, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    before = run()
+    pipe.load_lora_weights(str(out))
+    after = run()
+    assert np.abs(after - before).max() > 1e-3
+    # the loaded LoRA, scale included, is exactly the trained student
+    torch.manual_seed(0)
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([749]), torch.randn(1, 77, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=c).sample,
+                                   m.unet(x, t, encoder_hidden_states=c).sample, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_continues_from_the_saved_state(sd_model, shards, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    common_args = ["--phase_steps", "2", "2", "0", "0", "--checkpoint_every", "2", "--distill_loss", "l2",
+                   "--lr", "3e-3", "--lr_disc", "3e-3", "--keep_checkpoints", "0"]
+    first = flash_sd.main(argv(sd_model, shards, out, *common_args, "--max_steps", "2"))
+    assert first.step == 2 and os.listdir(out / "checkpoints") == ["step_000002"]
+    saved = common.load_training_state(out / "checkpoints" / "step_000002")
+    assert saved["step"] == 2 and isinstance(saved["config"], dict)
+
+    restored = {}
+    real_restore = flash_sd.restore
+
+    def spy(m, state, rank):
+        result = real_restore(m, state, rank)
+        from peft.utils import get_peft_model_state_dict
+        restored.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.unet).items()},
+                        disc={k: v.clone() for k, v in m.disc.state_dict().items()},
+                        opt_g=copy.deepcopy(m.opt_g.state_dict()), rng=torch.get_rng_state())
+        return result
+
+    monkeypatch.setattr(flash_sd, "restore", spy)
+    second = flash_sd.main(argv(sd_model, shards, out, *common_args, "--resume", "latest"))
+    assert second.step == 4
+    assert all(torch.equal(restored["lora"][k], saved["lora"][k]) for k in saved["lora"])
+    assert all(torch.equal(restored["disc"][k], saved["disc"][k]) for k in saved["disc"])
+    for pid, st in saved["opt_g"]["state"].items():
+        assert int(restored["opt_g"]["state"][pid]["step"]) == 2
+        assert torch.equal(restored["opt_g"]["state"][pid]["exp_avg"], st["exp_avg"])
+    assert torch.equal(restored["rng"], saved["rng"][0]["cpu"])
+    # the run continued: steps 3 and 4 logged after 1 and 2, a later checkpoint, LoRA moved on
+    assert [r["step"] for r in metrics(out)] == [1, 2, 3, 4]
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000002", "step_000004"]
+    final = common.load_training_state(out / "checkpoints" / "step_000004")
+    assert any(not torch.equal(final["lora"][k], saved["lora"][k]) for k in saved["lora"])
+    # resuming a finished run does nothing more
+    third = flash_sd.main(argv(sd_model, shards, out, *common_args, "--resume", "latest"))
+    assert third.step == 4 and len(metrics(out)) == 4
+
+
+def test_no_sample_passes_the_aesthetic_filter(sd_model, tmp_path):
+    rng = np.random.default_rng(2)
+    plain = [dict(jpg=encode(random_image(rng)), json={"caption": f"c{i}"}) for i in range(8)]
+    shard = write_shard(tmp_path / "noscore.tar", plain)
+    a = argv(sd_model, [shard], tmp_path / "run")
+    a[a.index("--mixed_precision"):a.index("--mixed_precision")] = ["--min_aesthetic", "6"]
+    with pytest.raises(RuntimeError, match="--min_aesthetic"):
+        flash_sd.main(a)
+
+
+def test_nonfinite_losses_skip_updates_then_stop_keeping_the_checkpoint(sd_model, shards, tmp_path):
+    # an absurd learning rate blows the LoRA up after the first update: every later loss is non-finite
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="non-finite") as e:
+        flash_sd.main(argv(sd_model, shards, out, "--lr", "1e30", "--distill_loss", "l2", "--phase_steps",
+                           "20", "0", "0", "0", "--checkpoint_every", "1"))
+    assert "checkpoints" in str(e.value)
+    assert os.listdir(out / "checkpoints") == ["step_000001"] or "step_000001" in os.listdir(out / "checkpoints")
+    good = common.load_training_state(out / "checkpoints" / sorted(os.listdir(out / "checkpoints"))[-1])
+    assert good["step"] <= 2
+
+
+def test_bf16_autocast_run(sd_model, shards, tmp_path):
+    out = tmp_path / "run"
+    m = flash_sd.main(argv(sd_model, shards, out, "--mixed_precision", "bf16", "--phase_steps", "0", "1", "0", "0",
+                           "--distill_loss", "l2"))
+    r = metrics(out)[-1]
+    assert m.step == 1 and all(np.isfinite(r[k]) and r[k] > 0 for k in ("distill", "dmd", "adv", "disc"))
+    assert all(p.dtype == torch.float32 for p in m.unet.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# separate processes: DDP with torchrun, stop signals
+# ---------------------------------------------------------------------------------------------------------
+
+DRIVER = textwrap.dedent("""
+    import os, sys, torch
+    sys.path.insert(0, {root!r})
+    import flash_sd
+    rank = int(os.environ.get("RANK", 0))
+    out = sys.argv[1]
+    seen, real_step = [], flash_sd.train_step
+    def spy(m, batch, *a, **k):
+        seen.append(list(batch["text"]))
+        if len(seen) == 2:
+            open(os.path.join(out, f"ready{{rank}}"), "w").close()
+        return real_step(m, batch, *a, **k)
+    flash_sd.train_step = spy
+    m = flash_sd.main(sys.argv[2:])
+    from peft.utils import get_peft_model_state_dict
+    torch.save(dict(step=m.step, seen=seen, lora=get_peft_model_state_dict(m.unet), disc=m.disc.state_dict()),
+               os.path.join(out, f"rank{{rank}}.pt"))
+""")
+
+
+def start(cmd, out):
+    log = open(os.path.join(out, "stdout.txt"), "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1",
+                            OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+
+
+def wait_for(path, proc, timeout=240):
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, open(os.path.join(os.path.dirname(path), "stdout.txt")).read()[-3000:]
+        assert time.time() - t0 < timeout
+        time.sleep(0.5)
+
+
+def test_torchrun_two_processes_stop_together_on_a_signal_to_one_rank(sd_model, shards, tmp_path):
+    """DDP on gloo: ranks read different samples, weights stay identical, SIGINT on rank 1 alone stops both
+    after a checkpoint."""
+    out = tmp_path / "run"
+    out.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT))
+    more = [write_shard(tmp_path / f"more{i}.tar", good_samples(8, np.random.default_rng(10 + i), f"m{i}-"))
+            for i in range(2)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver), str(out),
+           *argv(sd_model, shards + more, out, "--phase_steps", "0", "500", "0", "0", "--distill_loss", "l2",
+                 "--lr", "3e-3", "--lr_disc", "3e-3", "--overwrite")]
+    proc = start(cmd, out)
+    try:
+        wait_for(out / "ready1", proc)
+        # rank 1's pid: the torchrun child whose environment says RANK=1
+        pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _is_rank1_of(int(p), str(driver)))
+        os.kill(pid, signal.SIGINT)
+        assert proc.wait(timeout=240) == 0, open(out / "stdout.txt").read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r0, r1 = (torch.load(out / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] and 2 <= r0["step"] < 500
+    assert all(torch.equal(r0["lora"][k], r1["lora"][k]) for k in r0["lora"])
+    assert all(torch.equal(r0["disc"][k], r1["disc"][k]) for k in r0["disc"])
+    texts0, texts1 = {t for b in r0["seen"] for t in b}, {t for b in r1["seen"] for t in b}
+    assert texts0 != texts1  # the ranks read different samples
+    ckpts = os.listdir(out / "checkpoints")
+    assert ckpts == [f"step_{r0['step']:06d}"]
+    state = common.load_training_state(out / "checkpoints" / ckpts[0])
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["cpu"], state["rng"][1]["cpu"])
+    assert all(torch.equal(state["lora"][k], r0["lora"][k]) for k in r0["lora"])
+    assert "stop requested" in open(out / "log.txt").read()
+
+
+def _is_rank1_of(pid, driver):
+    try:
+        cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return False
+    return driver.encode() in cmdline and cmdline[0] != b"" and b"RANK=1" in env and b"-m" not in cmdline[1:2]
+
+
+def test_sigterm_checkpoints_and_stops_a_single_process_run(sd_model, shards, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.format(root=ROOT))
+    proc = start([sys.executable, str(driver), str(out),
+                  *argv(sd_model, shards, out, "--phase_steps", "500", "0", "0", "0", "--distill_loss", "l2",
+                        "--overwrite")], out)
+    try:
+        wait_for(out / "ready0", proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    r0 = torch.load(out / "rank0.pt", weights_only=True)
+    assert os.listdir(out / "checkpoints") == [f"step_{r0['step']:06d}"]
+    assert not (out / "pytorch_lora_weights.safetensors").exists()  # stopped early: no final export
+
+
+@pytest.mark.skipif(os.environ.get("FLASH_SKIP_COMPILE") == "1", reason="FLASH_SKIP_COMPILE=1")
+def test_compile_runs_a_step(sd_model, shards, tmp_path):
+    """torch.compile of the UNet (and the feature function) on CPU: slow here (~minutes), so one step."""
+    out = tmp_path / "run"
+    m = flash_sd.main(argv(sd_model, shards, out, "--compile", "--phase_steps", "0", "1", "0", "0",
+                           "--distill_loss", "l2"))
+    r = metrics(out)[-1]
+    assert m.step == 1 and all(np.isfinite(r[k]) and r[k] > 0 for k in ("distill", "dmd", "adv", "disc"))
+    from peft.utils import get_peft_model_state_dict
+    assert not any("_orig_mod" in k for k in get_peft_model_state_dict(m.unet))
