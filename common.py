@@ -8,6 +8,7 @@ Nothing here touches a model's call signature. Sections, in the order a reader o
 """
 import glob
 import io
+import itertools
 import json
 import logging
 import os
@@ -21,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import webdataset as wds
 from braceexpand import braceexpand
-from PIL import Image, ImageFile
+from PIL import Image, ImageFile, ImageOps
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated jpg must fail to decode, so it is skipped and counted
 
@@ -56,6 +57,8 @@ def expand_shards(patterns):
 
 def to_rgb(img):
     """Any PIL mode to RGB; transparent pixels become white rather than whatever colour they hide."""
+    if img.mode.startswith("I;16"):  # 16-bit grey (PNG): 0..65535 -> 0..255, else convert() saturates
+        img = Image.fromarray(np.round(np.asarray(img, dtype=np.float64) / 257).astype(np.uint8), "L")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA"):
@@ -120,7 +123,7 @@ class SampleDecoder:
         try:
             with Image.open(io.BytesIO(sample[key])) as img:
                 img.load()
-                img = resize_center_crop(to_rgb(img), self.resolution)
+                img = resize_center_crop(to_rgb(ImageOps.exif_transpose(img)), self.resolution)
         except Exception:  # PIL raises many types on corrupt data; any of them means "skip this sample"
             self.counts["bad_image"] += 1
             return None
@@ -151,7 +154,20 @@ class TarErrors:
     spinning forever when nothing at all can be read (a resampled stream would never end)."""
 
     def __init__(self, decoder):
-        self.decoder, self.count = decoder, 0
+        self.decoder, self.count, self.samples = decoder, 0, 0
+
+    def counted(self, src):
+        """Pipeline stage right after tarfile_to_samples: count the samples the shards gave."""
+        for sample in src:
+            self.samples += 1
+            yield sample
+
+    def check_progress(self, shards_opened):
+        """Called by ResampledSlice before each shard: readable tars that hold no sample never raise an
+        error, so without this check a resampled stream of them would spin forever."""
+        if self.samples == 0 and shards_opened >= 50:
+            raise RuntimeError(f"--shards: {shards_opened} shards opened and not one sample in them "
+                               f"({self.count} read errors); give webdataset tars of <key>.jpg + <key>.json")
 
     def __call__(self, exn):
         self.count += 1
@@ -181,9 +197,9 @@ def shard_slice(urls, rank, world_size, worker, num_workers):
 class ResampledSlice(torch.utils.data.IterableDataset):
     """Endless stream of shard URLs for this rank and worker, seeded by (seed, rank, worker)."""
 
-    def __init__(self, urls, seed):
+    def __init__(self, urls, seed, check_progress=None):
         super().__init__()
-        self.urls, self.seed = urls, seed
+        self.urls, self.seed, self.check_progress = urls, seed, check_progress
 
     def __iter__(self):
         rank, world_size = get_rank_world()
@@ -191,7 +207,9 @@ class ResampledSlice(torch.utils.data.IterableDataset):
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         urls = shard_slice(self.urls, rank, world_size, worker, num_workers)
         rng = np.random.default_rng([self.seed, rank, worker])
-        while True:
+        for n in itertools.count():
+            if self.check_progress is not None:
+                self.check_progress(n)
             yield dict(url=urls[rng.integers(len(urls))])
 
 
@@ -216,6 +234,13 @@ class Loader:
         return total
 
 
+def ignore_stop_signals(worker_id):
+    """Ctrl-C and SLURM's SIGTERM reach the data workers too; only the main process acts on them (it saves
+    a checkpoint, then stops the workers)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def make_loader(shards, resolution, batch_size, num_workers=4, min_aesthetic=None, seed=0, extra=None,
                 shuffle=1000):
     """The training stream: resampled shards, split by node and worker, shuffled, decoded, filtered and
@@ -226,15 +251,16 @@ def make_loader(shards, resolution, batch_size, num_workers=4, min_aesthetic=Non
     decoder = SampleDecoder(resolution, min_aesthetic, extra)
     tar_errors = TarErrors(decoder)
     dataset = wds.DataPipeline(
-        ResampledSlice(expand_shards(shards), seed),
+        ResampledSlice(expand_shards(shards), seed, tar_errors.check_progress),
         wds.tarfile_to_samples(handler=tar_errors),
+        tar_errors.counted,
         wds.shuffle(shuffle),
         decoder,
         wds.batched(batch_size, partial=False, collation_fn=partial(collate, decoder=decoder, tar_errors=tar_errors)),
     )
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                              pin_memory=torch.cuda.is_available(),
-                                             persistent_workers=num_workers > 0)
+                                             persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
     return Loader(dataloader)
 
 
@@ -450,9 +476,9 @@ def list_checkpoints(output_dir):
     root = os.path.join(output_dir, "checkpoints")
     if not os.path.isdir(root):
         return []
-    names = [n for n in os.listdir(root) if n.startswith("step_") and not n.endswith(".tmp")
+    names = [n for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()
              and os.path.isfile(os.path.join(root, n, "training_state.pt"))]
-    return [os.path.join(root, n) for n in sorted(names)]
+    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[5:]))]
 
 
 def resolve_resume(resume, output_dir):

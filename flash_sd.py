@@ -95,6 +95,10 @@ def check_args(args):
         raise common.UsageError("--guidance_min must not exceed --guidance_max")
     if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
         raise common.UsageError("--phase_steps: four non-negative batch counts with a positive sum")
+    for p, n in enumerate(args.phase_steps):
+        if n and args.distill_weights[p] <= 0 and args.dmd_weights[p] <= 0 and args.adv_weights[p] <= 0:
+            raise common.UsageError(f"phase {p} has no positive loss weight: raise one of --distill_weights, "
+                                    "--dmd_weights, --adv_weights for it")
     for flag in ("batch_size", "num_teacher_steps", "log_every", "sample_every", "checkpoint_every", "resolution"):
         if getattr(args, flag) <= 0:
             raise common.UsageError(f"--{flag} must be positive")

@@ -225,7 +225,7 @@ def test_distill_loss_lpips(lpips_vgg):
     assert float(common.distill_loss(same, x_T, "lpips", _toy_decode, lpips_vgg).detach()) == 0.0
     x_hat = (0.5 * torch.randn(2, 4, 16, 16, generator=g)).requires_grad_(True)
     loss = common.distill_loss(x_hat, x_T, "lpips", _toy_decode, lpips_vgg)
-    assert loss.ndim == 0 and float(loss) > 0
+    assert loss.ndim == 0 and float(loss.detach()) > 0
     loss.backward()
     assert x_hat.grad is not None and float(x_hat.grad.abs().sum()) > 0
     assert x_T.grad is None  # the teacher target is decoded without grad
@@ -501,7 +501,7 @@ def test_shard_without_samples_raises_instead_of_hanging(tmp_path, kind):
                 info = tarfile.TarInfo(n)
                 info.size = 2
                 tar.addfile(info, io.BytesIO(b"hi"))
-    name, msg = _first_batch_error([path], 20)
+    name, msg = _first_batch_error([path], 10)
     assert name == "RuntimeError" and "--shards" in msg
 
 
