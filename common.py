@@ -23,6 +23,7 @@ import torch.nn.functional as F
 import webdataset as wds
 from braceexpand import braceexpand
 from PIL import Image, ImageFile, ImageOps
+from tqdm import tqdm
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated jpg must fail to decode, so it is skipped and counted
 
@@ -234,11 +235,13 @@ class Loader:
         return total
 
 
-def ignore_stop_signals(worker_id):
-    """Ctrl-C and SLURM's SIGTERM reach the data workers too; only the main process acts on them (it saves
-    a checkpoint, then stops the workers)."""
+def quiet_worker_exit(worker_id):
+    """Ctrl-C and SLURM's SIGTERM reach the data workers too. Only the main process acts on them (it
+    finishes the step, saves a checkpoint and stops): workers ignore SIGINT and leave on SIGTERM with exit
+    code 0, which DataLoader does not treat as a crash (a worker killed by the signal would abort the
+    main process mid-step)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
 
 
 def make_loader(shards, resolution, batch_size, num_workers=4, min_aesthetic=None, seed=0, extra=None,
@@ -254,13 +257,13 @@ def make_loader(shards, resolution, batch_size, num_workers=4, min_aesthetic=Non
         ResampledSlice(expand_shards(shards), seed, tar_errors.check_progress),
         wds.tarfile_to_samples(handler=tar_errors),
         tar_errors.counted,
-        wds.shuffle(shuffle),
+        wds.shuffle(shuffle, seed=seed * 1000 + get_rank_world()[0]),  # the shard streams differ per worker
         decoder,
         wds.batched(batch_size, partial=False, collation_fn=partial(collate, decoder=decoder, tar_errors=tar_errors)),
     )
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                              pin_memory=torch.cuda.is_available(),
-                                             persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+                                             persistent_workers=num_workers > 0, worker_init_fn=quiet_worker_exit)
     return Loader(dataloader)
 
 
@@ -395,7 +398,6 @@ def gan_d_loss(logits_real, logits_fake, kind="lsgan"):
     raise ValueError(f"unknown GAN loss {kind!r}")
 
 
-
 # ------------------------------------------------------------------------------------------------------
 # 4. run plumbing: distributed set-up, logging, metrics, checkpoints, stop signals
 # ------------------------------------------------------------------------------------------------------
@@ -441,6 +443,13 @@ def all_reduce(t, op="mean"):
     return t
 
 
+class TqdmHandler(logging.StreamHandler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record))
+
+
 def get_logger(rank, output_dir=None):
     """Rank 0 logs to stdout (and output_dir/log.txt); other ranks get a null handler."""
     logger = logging.getLogger("flash")
@@ -449,7 +458,7 @@ def get_logger(rank, output_dir=None):
     if rank == 0:
         logger.setLevel(logging.INFO)
         fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-        handlers = [logging.StreamHandler()]
+        handlers = [TqdmHandler()]
         if output_dir:
             handlers.append(logging.FileHandler(os.path.join(output_dir, "log.txt")))
         for h in handlers:
@@ -586,11 +595,11 @@ class StopSignal:
 
 def check_finite_and_stop(losses, stop, device):
     """One small all-reduce per step: did any rank see a non-finite loss, did any rank get a stop signal.
-    Returns (any_nonfinite, any_stop) as Python bools (this is the loop's one host sync per step)."""
+    Returns (any_nonfinite, any_stop) as Python bools."""
     bad = torch.stack([~torch.isfinite(l.detach()).all() for l in losses]).any().float()
     flags = torch.stack([bad, torch.tensor(float(stop), device=bad.device)]).to(device)
     all_reduce(flags, op="max")
-    bad, stop = flags.tolist()
+    bad, stop = flags.tolist()  # the loop's one host sync per step: every rank must take the same branch
     return bad > 0, stop > 0
 
 

@@ -22,6 +22,7 @@ import contextlib
 import math
 import os
 import time
+from functools import partial
 
 import torch
 import torch.nn as nn
@@ -99,9 +100,13 @@ def check_args(args):
         if n and args.distill_weights[p] <= 0 and args.dmd_weights[p] <= 0 and args.adv_weights[p] <= 0:
             raise common.UsageError(f"phase {p} has no positive loss weight: raise one of --distill_weights, "
                                     "--dmd_weights, --adv_weights for it")
-    for flag in ("batch_size", "num_teacher_steps", "log_every", "sample_every", "checkpoint_every", "resolution"):
-        if getattr(args, flag) <= 0:
+    for flag in ("batch_size", "log_every", "sample_every", "checkpoint_every", "resolution", "max_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise common.UsageError(f"--{flag} must be positive")
+    if args.num_workers < 0 or args.keep_checkpoints < 0:
+        raise common.UsageError("--num_workers and --keep_checkpoints must not be negative")
+    if not 4 <= args.num_teacher_steps <= 1000:  # the mixture's 4 modes sit at multiples of K // 4
+        raise common.UsageError("--num_teacher_steps: K must be between 4 and 1000")
     common.expand_shards(args.shards)
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
@@ -209,7 +214,7 @@ def teacher_solve(m, x_t, k, cond, uncond, w):
 def make_discriminator(ch, size):
     """SD1.5 head (METHOD.md section 6) for (ch, size, size) mid-block features: 8x8 at 512 px gives one
     logit; other sizes give a logit map (the last kernel shrinks for maps under 4x4)."""
-    s = (size + 2 - 4) // 2 + 1 if size >= 2 else size
+    s = max(size // 2, 1)  # map size after the strided conv
     return nn.Sequential(
         nn.Conv2d(ch, 64, 3, 1, 1), nn.SiLU(),
         nn.Conv2d(64, 128, 4, 2, 1, bias=False) if size >= 2 else nn.Conv2d(64, 128, 3, 1, 1, bias=False),
@@ -263,7 +268,7 @@ def train_step(m, batch, step, args, stop_requested=False):
     zero = torch.zeros((), device=dev)
     losses = dict(distill=zero, dmd=zero, adv=zero)
     with autocast:
-        if l_dist > 0:
+        if l_dist > 0:  # 5a. distillation: one student step vs the teacher's K-step solve
             losses["distill"] = common.distill_loss(x_hat, x_T, args.distill_loss, m.decode, m.lpips)
         if l_dmd > 0:  # 5b. DMD: teacher with CFG is the real score, the student itself the fake score
             t2 = torch.randint(0, len(abar), (B,), device=dev)
@@ -285,7 +290,7 @@ def train_step(m, batch, step, args, stop_requested=False):
         f_fake, f_real = feats.float().chunk(2)
         if l_adv > 0:
             m.disc.requires_grad_(False)  # D is not trained by the generator's loss
-            losses["adv"] = common.gan_g_loss(m.disc(f_fake), args.gan_loss)
+            losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
     loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
     m.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
@@ -303,8 +308,7 @@ def train_step(m, batch, step, args, stop_requested=False):
     if not nonfinite:
         m.opt_g.step()
         m.opt_d.step()
-    losses.update(loss_g=loss_g.detach(), phase=torch.tensor(float(phase)), t=t[0].float(),
-                  w=torch.tensor(w))
+    losses.update(loss_g=loss_g, t=t[0].float(), w=torch.tensor(w, device=dev))
     return {k_: v.detach() for k_, v in losses.items()}, not nonfinite, stop
 
 
@@ -351,29 +355,40 @@ def export_lora(unet, out_dir):
 
 
 def training_state(m, args, step, counters):
+    """Everything --resume needs, as plain tensors and primitives (rank 0's copy; every rank must call it
+    for the RNG gather)."""
     from peft.utils import get_peft_model_state_dict
-    return dict(step=step, config=vars(args), counters=dict(counters),
+    rng = common.gather_rng_states(m.device)
+    if common.get_rank_world()[0] != 0:
+        return None
+    return dict(step=step, config=vars(args), counters=dict(counters), rng=rng,
                 lora={k: v.detach().cpu() for k, v in get_peft_model_state_dict(m.unet).items()},
                 disc={k: v.detach().cpu() for k, v in m.disc.state_dict().items()},
-                opt_g=m.opt_g.state_dict(), opt_d=m.opt_d.state_dict(), rng=common.gather_rng_states(m.device))
+                opt_g=m.opt_g.state_dict(), opt_d=m.opt_d.state_dict())
 
 
-def restore(m, state, rank):
+def restore(m, state, rank, log):
+    """Load a training state. The LoRA's shape and scale must match; other flags may change on resume
+    (e.g. longer phases or a new learning rate), and the changes are logged."""
     from peft.utils import set_peft_model_state_dict
-    if state["config"]["lora_rank"] != m.args.lora_rank:
-        raise common.UsageError(f"--resume: the checkpoint has --lora_rank {state['config']['lora_rank']}, "
-                         f"this run {m.args.lora_rank}; resume with the same LoRA settings")
+    args, saved = m.args, state["config"]
+    for flag in ("lora_rank", "lora_alpha", "model"):
+        if saved[flag] != getattr(args, flag):
+            raise common.UsageError(f"--resume: the checkpoint has --{flag} {saved[flag]}, this run "
+                                    f"{getattr(args, flag)}; resume with the same value")
+    changed = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in ("resume", "overwrite")
+               and saved.get(k) != v}
+    if changed:
+        log.info(f"flags changed since the checkpoint (saved, now): {changed}")
     set_peft_model_state_dict(m.unet, {k: v.to(m.device) for k, v in state["lora"].items()})
     m.disc.load_state_dict(state["disc"])
-    m.opt_g.load_state_dict(state["opt_g"])
-    m.opt_d.load_state_dict(state["opt_d"])
+    for opt, key, lr in ((m.opt_g, "opt_g", args.lr), (m.opt_d, "opt_d", args.lr_disc)):
+        opt.load_state_dict(state[key])
+        for group in opt.param_groups:
+            group["lr"] = lr  # the command line wins over the saved learning rate
     if not common.set_rng_state(state["rng"], rank, m.device):
-        torch.manual_seed(data_seed(m.args, rank, state["step"]))
+        torch.manual_seed(args.seed + rank + 100_003 * state["step"])  # more ranks than saved
     return state["step"], state["counters"]
-
-
-def data_seed(args, rank, step):
-    return args.seed + rank + 100_003 * step
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -400,7 +415,8 @@ def main(argv=None):
     m.args, m.device = args, device
     m.lpips = common.make_lpips().to(device).requires_grad_(False).eval() if args.distill_loss == "lpips" else None
     weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
-    m.tokenizer, m.text_encoder, m.vae, m.unet, m.teacher_sched, m.sched_config = load_models(args, device, weight_dtype)
+    models = load_models(args, device, weight_dtype)
+    m.tokenizer, m.text_encoder, m.vae, m.unet, m.teacher_sched, m.sched_config = models
     m.alphas_cumprod = m.teacher_sched.alphas_cumprod.to(device, torch.float32)
     m.uncond = encode_text(m.tokenizer, m.text_encoder, [""], device)  # SD1.5: the empty prompt
     m.decode = lambda z: m.vae.decode(z / m.vae.config.scaling_factor).sample
@@ -432,23 +448,28 @@ def main(argv=None):
 
     step, counters = 0, dict(nonfinite=0)
     if resume_dir:
-        step, counters = restore(m, common.load_training_state(resume_dir), rank)
+        step, counters = restore(m, common.load_training_state(resume_dir), rank, log)
         log.info(f"resumed from {resume_dir} at step {step}")
     else:
         torch.manual_seed(args.seed + rank)
     total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
     loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers,
-                                args.min_aesthetic, seed=data_seed(args, 0, step))
-    export = lambda d: export_lora(m.unet, d)  # noqa: E731
+                                args.min_aesthetic, seed=args.seed + 100_003 * step)  # a resumed run reads new samples
 
     stop_signal = common.StopSignal()
-    sums, n_sum, in_a_row, t0, last = {}, 0, 0, time.time(), {}
+    sums, n_sum, train_time, in_a_row, last = {}, 0, 0.0, 0, {}
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="flash_sd", dynamic_ncols=True)
     data = iter(loader)
     try:
         while step < total:
+            t_step = time.time()
             losses, updated, stop = train_step(m, next(data), step, args, stop_signal.requested)
-            if not updated:
+            if updated:
+                in_a_row, step, n_sum = 0, step + 1, n_sum + 1
+                train_time += time.time() - t_step
+                sums = {k_: sums.get(k_, 0) + v for k_, v in losses.items()}
+                bar.update(1)
+            else:
                 counters["nonfinite"] += 1
                 in_a_row += 1
                 log.info(f"step {step}: non-finite loss, update skipped ({in_a_row} in a row)")
@@ -456,31 +477,23 @@ def main(argv=None):
                     raise RuntimeError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; the last good "
                                        f"checkpoint is in {args.output_dir}/checkpoints. Try a lower --lr, "
                                        "--mixed_precision no, or check the data.")
-            else:
-                in_a_row, step = 0, step + 1
-                bar.update(1)
-                for k_, v in losses.items():
-                    sums[k_] = sums.get(k_, 0) + v
-                n_sum += 1
             if updated and (step % args.log_every == 0 or step == total):
-                last = common.mean_over_ranks(sums, n_sum, device)
-                data_counts = common.sum_counts_over_ranks(loader.counts, device)
-                record = dict(step=step, phase=common.phase_of(step - 1, args.phase_steps),
-                              K=args.num_teacher_steps, t=losses["t"].item(),
-                              **{k_: v for k_, v in last.items() if k_ not in ("phase", "t")},
-                              it_per_s=n_sum / (time.time() - t0), peak_mem_gb=common.peak_memory_gb(device),
-                              nonfinite=counters["nonfinite"], data=data_counts)
+                last = common.mean_over_ranks(sums, n_sum, device)  # losses, start t and w over steps and ranks
+                record = dict(step=step, phase=common.phase_of(step - 1, args.phase_steps), K=args.num_teacher_steps,
+                              **last, it_per_s=n_sum / train_time, peak_mem_gb=common.peak_memory_gb(device),
+                              nonfinite=counters["nonfinite"], data=common.sum_counts_over_ranks(loader.counts, device))
                 if rank == 0:
                     common.append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), record)
+                log.info(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}" for k_, v in record.items()))
                 bar.set_postfix(phase=record["phase"], g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
-                sums, n_sum, t0 = {}, 0, time.time()
+                sums, n_sum, train_time = {}, 0, 0.0
             if updated and (step % args.sample_every == 0 or step == total):
                 if rank == 0:
                     log.info(f"samples: {sample_grid(m, args, step)}")
                 common.barrier()
             if updated and (step % args.checkpoint_every == 0 or step == total) or stop:
-                common.save_checkpoint(args.output_dir, step, training_state(m, args, step, counters), export,
-                                       args.keep_checkpoints)
+                common.save_checkpoint(args.output_dir, step, training_state(m, args, step, counters),
+                                       partial(export_lora, m.unet), args.keep_checkpoints)
                 log.info(f"checkpoint at step {step}")
             if stop:
                 log.info(f"stop requested: saved step {step}; continue with --resume latest")
@@ -491,6 +504,7 @@ def main(argv=None):
                 log.info(f"done: LoRA in {args.output_dir}/pytorch_lora_weights.safetensors")
             common.barrier()
     finally:
+        data.close()  # shuts the data workers down now, even if a traceback keeps this frame alive
         bar.close()
         stop_signal.restore()
         common.cleanup_distributed()

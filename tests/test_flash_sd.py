@@ -303,8 +303,8 @@ def test_resume_continues_from_the_saved_state(sd_model, shards, tmp_path, monke
     restored = {}
     real_restore = flash_sd.restore
 
-    def spy(m, state, rank):
-        result = real_restore(m, state, rank)
+    def spy(m, state, rank, log):
+        result = real_restore(m, state, rank, log)
         from peft.utils import get_peft_model_state_dict
         restored.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.unet).items()},
                         disc={k: v.clone() for k, v in m.disc.state_dict().items()},
