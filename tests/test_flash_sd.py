@@ -308,12 +308,16 @@ def test_resume_continues_from_the_saved_state(sd_model, shards, tmp_path, monke
         from peft.utils import get_peft_model_state_dict
         restored.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.unet).items()},
                         disc={k: v.clone() for k, v in m.disc.state_dict().items()},
-                        opt_g=copy.deepcopy(m.opt_g.state_dict()), rng=torch.get_rng_state())
+                        opt_g=copy.deepcopy(m.opt_g.state_dict()), rng=torch.get_rng_state(),
+                        lr=(m.opt_g.param_groups[0]["lr"], m.opt_d.param_groups[0]["lr"]))
         return result
 
     monkeypatch.setattr(flash_sd, "restore", spy)
-    second = flash_sd.main(argv(sd_model, shards, out, *common_args, "--resume", "latest"))
+    with pytest.raises(common.UsageError, match="--lora_alpha"):  # a different LoRA scale cannot continue
+        flash_sd.main(argv(sd_model, shards, out, *common_args, "--resume", "latest", "--lora_alpha", "8"))
+    second = flash_sd.main(argv(sd_model, shards, out, *common_args, "--resume", "latest", "--lr_disc", "1e-4"))
     assert second.step == 4
+    assert restored["lr"] == (3e-3, 1e-4)  # the command line's learning rates, not the saved ones
     assert all(torch.equal(restored["lora"][k], saved["lora"][k]) for k in saved["lora"])
     assert all(torch.equal(restored["disc"][k], saved["disc"][k]) for k in saved["disc"])
     for pid, st in saved["opt_g"]["state"].items():
