@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import shutil
+import weakref
 from functools import partial
 
 import numpy as np
@@ -96,9 +97,9 @@ class SampleDecoder:
         kept = 0
         for sample in src:
             self.counts["read"] += 1
-            if kept == 0 and self.counts["read"] >= MAX_FILTERED:
-                raise RuntimeError(self.nothing_passes())
             out = self.decode(sample)
+            if out is None and kept == 0 and self.counts["read"] >= MAX_FILTERED:
+                raise RuntimeError(self.nothing_passes())
             if out is not None:
                 kept += 1
                 yield out
@@ -215,10 +216,12 @@ class ResampledSlice(torch.utils.data.IterableDataset):
 
 
 class Loader:
-    """Iterate batches forever; `counts` sums the skip counters of every worker of this rank."""
+    """Iterate batches forever; `counts` sums the skip counters of every worker of this rank. `close()`
+    stops the workers; it also runs when the Loader is collected and at interpreter exit."""
 
     def __init__(self, dataloader):
         self.dataloader, self.per_worker = dataloader, {}
+        self.close = weakref.finalize(self, shutdown_workers, dataloader)
 
     def __iter__(self):
         while True:
@@ -235,13 +238,20 @@ class Loader:
         return total
 
 
-def quiet_worker_exit(worker_id):
-    """Ctrl-C and SLURM's SIGTERM reach the data workers too. Only the main process acts on them (it
-    finishes the step, saves a checkpoint and stops): workers ignore SIGINT and leave on SIGTERM with exit
-    code 0, which DataLoader does not treat as a crash (a worker killed by the signal would abort the
-    main process mid-step)."""
+def ignore_stop_signals(worker_id):
+    """Ctrl-C, torchrun and SLURM send SIGINT/SIGTERM to the data workers too. Only the main process acts
+    on them (it finishes the step, saves a checkpoint, stops); a worker killed by the signal would abort
+    it mid-step instead. `Loader` shuts the workers down itself."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def shutdown_workers(dataloader):
+    """DataLoader's own orderly shutdown of its persistent workers (they ignore SIGTERM, so the
+    interpreter's exit-time terminate() would wait for them forever)."""
+    it = getattr(dataloader, "_iterator", None)
+    if it is not None and hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()
 
 
 def make_loader(shards, resolution, batch_size, num_workers=4, min_aesthetic=None, seed=0, extra=None,
@@ -263,7 +273,7 @@ def make_loader(shards, resolution, batch_size, num_workers=4, min_aesthetic=Non
     )
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                              pin_memory=torch.cuda.is_available(),
-                                             persistent_workers=num_workers > 0, worker_init_fn=quiet_worker_exit)
+                                             persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
     return Loader(dataloader)
 
 

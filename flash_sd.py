@@ -11,8 +11,8 @@ Launch (defaults are the paper's SD1.5 settings; phase lengths count generator u
     python flash_sd.py --shards "data/{00000..00999}.tar" --output_dir runs/flash_sd
     # one node, 8 GPUs
     torchrun --standalone --nproc_per_node=8 flash_sd.py --shards "data/{00000..00999}.tar"
-    # two nodes (run on each, with its --node_rank)
-    torchrun --nnodes=2 --nproc_per_node=8 --node_rank=0 --rdzv_backend=c10d \
+    # two nodes (the same command on each; $MASTER is the first node's address)
+    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=flash --rdzv_backend=c10d \
         --rdzv_endpoint=$MASTER:29500 flash_sd.py --shards "data/{00000..00999}.tar"
 Use the result with a stock pipeline: pipe.load_lora_weights(output_dir), LCMScheduler
 (timestep_spacing="trailing"), 4 steps, guidance_scale=0. See README.md.
@@ -47,7 +47,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # data and model
-    a("--model", default="runwayml/stable-diffusion-v1-5", help="hub id or local diffusers folder of the teacher")
+    # the paper's runwayml/stable-diffusion-v1-5 left the Hub in 2024; this is the same model, mirrored
+    a("--model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", help="hub id or local diffusers folder")
     a("--shards", nargs="+", required=True, help="webdataset tar shards: brace patterns, globs or pipe: URLs")
     a("--output_dir", default="runs/flash_sd", help="metrics, samples, checkpoints and the final LoRA")
     a("--resolution", type=int, default=512, help="training resolution (square; short side resized, centre crop)")
@@ -436,7 +437,7 @@ def main(argv=None):
     # DDP wraps only what trains: the student call (its LoRA grads) and the discriminator head
     ddp = world_size > 1
     ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-    m.student = DDP(m.net, broadcast_buffers=False, **ddp_kw) if ddp else m.net
+    m.student = DDP(m.net, **ddp_kw) if ddp else m.net
     m.disc_ddp = DDP(m.disc, **ddp_kw) if ddp else m.disc
     lora_params = [p for p in m.unet.parameters() if p.requires_grad]
     fused = dict(fused=True) if device.type == "cuda" else {}
@@ -504,7 +505,7 @@ def main(argv=None):
                 log.info(f"done: LoRA in {args.output_dir}/pytorch_lora_weights.safetensors")
             common.barrier()
     finally:
-        data.close()  # shuts the data workers down now, even if a traceback keeps this frame alive
+        loader.close()  # stop the data workers now, even if a traceback keeps this frame alive
         bar.close()
         stop_signal.restore()
         common.cleanup_distributed()

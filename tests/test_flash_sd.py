@@ -53,7 +53,7 @@ def test_help_shows_the_contract_with_paper_defaults(capsys):
     for flag in CONTRACT:
         assert flag in text, flag
     args = flash_sd.parse_args(["--shards", "x.tar"])
-    assert (args.model, args.resolution, args.batch_size) == ("runwayml/stable-diffusion-v1-5", 512, 4)
+    assert (args.model, args.resolution, args.batch_size) == ("stable-diffusion-v1-5/stable-diffusion-v1-5", 512, 4)
     assert args.phase_steps == [2500] * 4 and args.num_teacher_steps == 32
     assert (args.guidance_min, args.guidance_max, args.lr, args.lr_disc) == (3.0, 13.0, 1e-5, 1e-5)
     assert (args.lora_rank, args.lora_alpha, args.min_aesthetic) == (128, 128, 6.0)
@@ -391,8 +391,8 @@ DRIVER = textwrap.dedent("""
 
 def start(cmd, out):
     log = open(os.path.join(out, "stdout.txt"), "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1",
-                            OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
 
 
 def wait_for(path, proc, timeout=240):
@@ -448,18 +448,19 @@ def _is_rank1_of(pid, driver):
     return driver.encode() in cmdline and cmdline[0] != b"" and b"RANK=1" in env and b"-m" not in cmdline[1:2]
 
 
-def test_sigterm_checkpoints_and_stops_a_single_process_run(sd_model, shards, tmp_path):
+def test_sigterm_to_the_process_group_checkpoints_and_stops(sd_model, shards, tmp_path):
+    """As SLURM or a terminal does: the signal reaches the data workers too; they must not die first."""
     out = tmp_path / "run"
     out.mkdir()
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER.format(root=ROOT))
     proc = start([sys.executable, str(driver), str(out),
                   *argv(sd_model, shards, out, "--phase_steps", "500", "0", "0", "0", "--distill_loss", "l2",
-                        "--overwrite")], out)
+                        "--overwrite", "--num_workers", "2")], out)
     try:
         wait_for(out / "ready0", proc)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
+        os.killpg(proc.pid, signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0, open(out / "stdout.txt").read()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
