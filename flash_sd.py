@@ -26,8 +26,14 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline,
+                       UNet2DConditionModel)
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
 import common
 
@@ -91,8 +97,8 @@ def parse_args(argv=None):
 
 
 def check_args(args):
-    """Everything that can be checked before a model is loaded; raises ValueError naming the flag."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+    """Everything that can be checked before a model is loaded; a UsageError names the flag and the fix.
+    Returns the checkpoint folder to resume from, or None."""
     if args.guidance_min > args.guidance_max:
         raise common.UsageError("--guidance_min must not exceed --guidance_max")
     if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
@@ -113,13 +119,15 @@ def check_args(args):
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
         unet_cfg = UNet2DConditionModel.load_config(args.model, subfolder="unet")
     except Exception as e:
-        raise common.UsageError(f"--model {args.model}: cannot read a diffusers SD1.5 layout there (vae/ and unet/ "
-                         f"configs): {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise common.UsageError(f"--model {args.model}: cannot read a diffusers SD1.5 layout there (vae/ and "
+                                f"unet/ configs): {type(e).__name__}: {first_line}") from e
     # the latent must survive every UNet downsampling; the stock pipeline (validation) wants multiples of 8
-    factor = math.lcm(8, 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1))
+    down = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
+    factor = math.lcm(8, down)
     if args.resolution % factor:
         raise common.UsageError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model "
-                         f"(VAE and UNet downsampling), e.g. {max(factor, args.resolution // factor * factor)}")
+                                f"(VAE and UNet downsampling), e.g. {max(factor, args.resolution // factor * factor)}")
     common.check_output_dir(args.output_dir, args.resume, args.overwrite)
     return common.resolve_resume(args.resume, args.output_dir)
 
@@ -129,9 +137,6 @@ def check_args(args):
 # ------------------------------------------------------------------------------------------------------
 
 def load_models(args, device, weight_dtype):
-    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet2DConditionModel
-    from peft import LoraConfig
-    from transformers import CLIPTextModel, CLIPTokenizer
     tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", dtype=weight_dtype)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=weight_dtype)
@@ -321,7 +326,6 @@ def train_step(m, batch, step, args, stop_requested=False):
 def sample_grid(m, args, step):
     """Teacher (DPM-Solver++, 25 steps, CFG 7.5) beside the student (LCM, 1/2/4 steps, no CFG), on the
     validation prompts with a fixed generator; rows are prompts."""
-    from diffusers import DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline
     pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
                                    scheduler=LCMScheduler.from_config(m.sched_config, timestep_spacing="trailing"),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
@@ -347,9 +351,6 @@ def sample_grid(m, args, step):
 def export_lora(unet, out_dir):
     """pytorch_lora_weights.safetensors that StableDiffusionPipeline.load_lora_weights(out_dir) loads, with
     the LoRA config (rank, alpha) in its metadata so the scale is right."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
     StableDiffusionPipeline.save_lora_weights(
         out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
@@ -358,7 +359,6 @@ def export_lora(unet, out_dir):
 def training_state(m, args, step, counters):
     """Everything --resume needs, as plain tensors and primitives (rank 0's copy; every rank must call it
     for the RNG gather)."""
-    from peft.utils import get_peft_model_state_dict
     rng = common.gather_rng_states(m.device)
     if common.get_rank_world()[0] != 0:
         return None
@@ -371,7 +371,6 @@ def training_state(m, args, step, counters):
 def restore(m, state, rank, log):
     """Load a training state. The LoRA's shape and scale must match; other flags may change on resume
     (e.g. longer phases or a new learning rate), and the changes are logged."""
-    from peft.utils import set_peft_model_state_dict
     args, saved = m.args, state["config"]
     for flag in ("lora_rank", "lora_alpha", "model"):
         if saved[flag] != getattr(args, flag):

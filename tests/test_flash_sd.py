@@ -479,3 +479,17 @@ def test_compile_runs_a_step(sd_model, shards, tmp_path):
     assert m.step == 1 and all(np.isfinite(r[k]) and r[k] > 0 for k in ("distill", "dmd", "adv", "disc"))
     from peft.utils import get_peft_model_state_dict
     assert not any("_orig_mod" in k for k in get_peft_model_state_dict(m.unet))
+
+
+def test_gradient_checkpointing_gives_the_same_update(sd_model, shards, tmp_path):
+    """Same seed, same data: one update with --gradient_checkpointing equals one without (the GAN feature
+    pass in teacher mode must not be recomputed with the LoRA switched back on)."""
+    from peft.utils import get_peft_model_state_dict
+    runs = [flash_sd.main(argv(sd_model, shards, tmp_path / f"run{i}", *flag, "--phase_steps", "0", "1", "0", "0",
+                               "--distill_loss", "l2", "--lr", "1e-2", "--lr_disc", "1e-2", "--adv_weights", "0", "1",
+                               "0", "0", "--validation_prompts", "a"))
+            for i, flag in enumerate([[], ["--gradient_checkpointing"]])]
+    assert runs[1].unet.is_gradient_checkpointing and not runs[0].unet.is_gradient_checkpointing
+    a, b = (get_peft_model_state_dict(r.unet) for r in runs)
+    assert max(a[k].abs().max() for k in a if "lora_B" in k) > 1e-3  # B starts at zero: the update moved it
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
