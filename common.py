@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import webdataset as wds
 from braceexpand import braceexpand
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageFile, ImageOps
 from tqdm import tqdm
 
@@ -489,6 +490,79 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+def check_run_args(args):
+    """Start-up checks of the flags every script shares (nothing here depends on the backbone)."""
+    if args.guidance_min > args.guidance_max:
+        raise UsageError("--guidance_min must not exceed --guidance_max")
+    if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
+        raise UsageError("--phase_steps: four non-negative batch counts with a positive sum")
+    for p, n in enumerate(args.phase_steps):
+        if n and args.distill_weights[p] <= 0 and args.dmd_weights[p] <= 0 and args.adv_weights[p] <= 0:
+            raise UsageError(f"phase {p} has no positive loss weight: raise one of --distill_weights, "
+                             "--dmd_weights, --adv_weights for it")
+    for flag in ("batch_size", "log_every", "sample_every", "checkpoint_every", "resolution", "max_steps"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise UsageError(f"--{flag} must be positive")
+    if args.num_workers < 0 or args.keep_checkpoints < 0:
+        raise UsageError("--num_workers and --keep_checkpoints must not be negative")
+    if not 4 <= args.num_teacher_steps <= 1000:  # the mixture's 4 modes sit at multiples of K // 4
+        raise UsageError("--num_teacher_steps: K must be between 4 and 1000")
+    expand_shards(args.shards)
+    check_output_dir(args.output_dir, args.resume, args.overwrite)
+
+
+def log_metrics(args, step, sums, n_steps, train_time, counters, loader, device, log):
+    """Every --log_every updates: loss terms (and start t, w) averaged over the steps and all ranks, speed,
+    memory and the data counters, appended to metrics.jsonl by rank 0 and written to the log. Returns the
+    averages. Every rank must call it."""
+    last = mean_over_ranks(sums, n_steps, device)
+    record = dict(step=step, phase=phase_of(step - 1, args.phase_steps), K=args.num_teacher_steps, **last,
+                  it_per_s=n_steps / max(train_time, 1e-9), peak_mem_gb=peak_memory_gb(device),
+                  nonfinite=counters["nonfinite"], data=sum_counts_over_ranks(loader.counts, device))
+    if get_rank_world()[0] == 0:
+        append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), record)
+    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+    return last
+
+
+def training_state(denoiser, disc, opt_g, opt_d, args, step, counters, device):
+    """Everything --resume needs, as plain tensors and primitives: the denoiser's LoRA, the discriminator,
+    both optimizers, every rank's RNG, the flags as a dict. Every rank must call it (RNG gather); only
+    rank 0 gets the state, the others None."""
+    rng = gather_rng_states(device)
+    if get_rank_world()[0] != 0:
+        return None
+    return dict(step=step, config=vars(args), counters=dict(counters), rng=rng,
+                lora={k: v.detach().cpu() for k, v in get_peft_model_state_dict(denoiser).items()},
+                disc={k: v.detach().cpu() for k, v in disc.state_dict().items()},
+                opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict())
+
+
+def restore_training_state(state, denoiser, disc, opt_g, opt_d, args, device, log):
+    """Load a training state. The LoRA's shape and scale and the model must match; other flags may change
+    on resume (e.g. longer phases or a new learning rate), and the changes are logged. Returns (step,
+    counters)."""
+    saved = state["config"]
+    for flag in ("lora_rank", "lora_alpha", "model"):
+        if saved[flag] != getattr(args, flag):
+            raise UsageError(f"--resume: the checkpoint has --{flag} {saved[flag]}, this run "
+                             f"{getattr(args, flag)}; resume with the same value")
+    changed = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in ("resume", "overwrite")
+               and saved.get(k) != v}
+    if changed:
+        log.info(f"flags changed since the checkpoint (saved, now): {changed}")
+    set_peft_model_state_dict(denoiser, {k: v.to(device) for k, v in state["lora"].items()})
+    disc.load_state_dict(state["disc"])
+    for opt, key, lr in ((opt_g, "opt_g", args.lr), (opt_d, "opt_d", args.lr_disc)):
+        opt.load_state_dict(state[key])
+        for group in opt.param_groups:
+            group["lr"] = lr  # the command line wins over the saved learning rate
+    rank = get_rank_world()[0]
+    if not set_rng_state(state["rng"], rank, device):
+        torch.manual_seed(args.seed + rank + 100_003 * state["step"])  # more ranks than saved
+    return state["step"], state["counters"]
 
 
 def list_checkpoints(output_dir):

@@ -30,7 +30,7 @@ from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler,
                        UNet2DConditionModel)
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -99,22 +99,7 @@ def parse_args(argv=None):
 def check_args(args):
     """Everything that can be checked before a model is loaded; a UsageError names the flag and the fix.
     Returns the checkpoint folder to resume from, or None."""
-    if args.guidance_min > args.guidance_max:
-        raise common.UsageError("--guidance_min must not exceed --guidance_max")
-    if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
-        raise common.UsageError("--phase_steps: four non-negative batch counts with a positive sum")
-    for p, n in enumerate(args.phase_steps):
-        if n and args.distill_weights[p] <= 0 and args.dmd_weights[p] <= 0 and args.adv_weights[p] <= 0:
-            raise common.UsageError(f"phase {p} has no positive loss weight: raise one of --distill_weights, "
-                                    "--dmd_weights, --adv_weights for it")
-    for flag in ("batch_size", "log_every", "sample_every", "checkpoint_every", "resolution", "max_steps"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise common.UsageError(f"--{flag} must be positive")
-    if args.num_workers < 0 or args.keep_checkpoints < 0:
-        raise common.UsageError("--num_workers and --keep_checkpoints must not be negative")
-    if not 4 <= args.num_teacher_steps <= 1000:  # the mixture's 4 modes sit at multiples of K // 4
-        raise common.UsageError("--num_teacher_steps: K must be between 4 and 1000")
-    common.expand_shards(args.shards)
+    common.check_run_args(args)
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
         unet_cfg = UNet2DConditionModel.load_config(args.model, subfolder="unet")
@@ -122,13 +107,15 @@ def check_args(args):
         first_line = str(e).splitlines()[0] if str(e) else ""
         raise common.UsageError(f"--model {args.model}: cannot read a diffusers SD1.5 layout there (vae/ and "
                                 f"unet/ configs): {type(e).__name__}: {first_line}") from e
+    if unet_cfg.get("addition_embed_type") is not None:
+        raise common.UsageError(f"--model {args.model}: a UNet with added conditioning (addition_embed_type "
+                                f"{unet_cfg.get('addition_embed_type')}); use flash_sdxl.py for SDXL")
     # the latent must survive every UNet downsampling; the stock pipeline (validation) wants multiples of 8
     down = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
     factor = math.lcm(8, down)
     if args.resolution % factor:
         raise common.UsageError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model "
                                 f"(VAE and UNet downsampling), e.g. {max(factor, args.resolution // factor * factor)}")
-    common.check_output_dir(args.output_dir, args.resume, args.overwrite)
     return common.resolve_resume(args.resume, args.output_dir)
 
 
@@ -356,41 +343,6 @@ def export_lora(unet, out_dir):
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
 
 
-def training_state(m, args, step, counters):
-    """Everything --resume needs, as plain tensors and primitives (rank 0's copy; every rank must call it
-    for the RNG gather)."""
-    rng = common.gather_rng_states(m.device)
-    if common.get_rank_world()[0] != 0:
-        return None
-    return dict(step=step, config=vars(args), counters=dict(counters), rng=rng,
-                lora={k: v.detach().cpu() for k, v in get_peft_model_state_dict(m.unet).items()},
-                disc={k: v.detach().cpu() for k, v in m.disc.state_dict().items()},
-                opt_g=m.opt_g.state_dict(), opt_d=m.opt_d.state_dict())
-
-
-def restore(m, state, rank, log):
-    """Load a training state. The LoRA's shape and scale must match; other flags may change on resume
-    (e.g. longer phases or a new learning rate), and the changes are logged."""
-    args, saved = m.args, state["config"]
-    for flag in ("lora_rank", "lora_alpha", "model"):
-        if saved[flag] != getattr(args, flag):
-            raise common.UsageError(f"--resume: the checkpoint has --{flag} {saved[flag]}, this run "
-                                    f"{getattr(args, flag)}; resume with the same value")
-    changed = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in ("resume", "overwrite")
-               and saved.get(k) != v}
-    if changed:
-        log.info(f"flags changed since the checkpoint (saved, now): {changed}")
-    set_peft_model_state_dict(m.unet, {k: v.to(m.device) for k, v in state["lora"].items()})
-    m.disc.load_state_dict(state["disc"])
-    for opt, key, lr in ((m.opt_g, "opt_g", args.lr), (m.opt_d, "opt_d", args.lr_disc)):
-        opt.load_state_dict(state[key])
-        for group in opt.param_groups:
-            group["lr"] = lr  # the command line wins over the saved learning rate
-    if not common.set_rng_state(state["rng"], rank, m.device):
-        torch.manual_seed(args.seed + rank + 100_003 * state["step"])  # more ranks than saved
-    return state["step"], state["counters"]
-
-
 # ------------------------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------------------------
@@ -448,7 +400,8 @@ def main(argv=None):
 
     step, counters = 0, dict(nonfinite=0)
     if resume_dir:
-        step, counters = restore(m, common.load_training_state(resume_dir), rank, log)
+        step, counters = common.restore_training_state(common.load_training_state(resume_dir), m.unet, m.disc,
+                                                       m.opt_g, m.opt_d, args, device, log)
         log.info(f"resumed from {resume_dir} at step {step}")
     else:
         torch.manual_seed(args.seed + rank)
@@ -478,21 +431,16 @@ def main(argv=None):
                                        f"checkpoint is in {args.output_dir}/checkpoints. Try a lower --lr, "
                                        "--mixed_precision no, or check the data.")
             if updated and (step % args.log_every == 0 or step == total):
-                last = common.mean_over_ranks(sums, n_sum, device)  # losses, start t and w over steps and ranks
-                record = dict(step=step, phase=common.phase_of(step - 1, args.phase_steps), K=args.num_teacher_steps,
-                              **last, it_per_s=n_sum / train_time, peak_mem_gb=common.peak_memory_gb(device),
-                              nonfinite=counters["nonfinite"], data=common.sum_counts_over_ranks(loader.counts, device))
-                if rank == 0:
-                    common.append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), record)
-                log.info(" ".join(f"{k_}={v:.4g}" if isinstance(v, float) else f"{k_}={v}" for k_, v in record.items()))
-                bar.set_postfix(phase=record["phase"], g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
+                last = common.log_metrics(args, step, sums, n_sum, train_time, counters, loader, device, log)
+                bar.set_postfix(g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
                 sums, n_sum, train_time = {}, 0, 0.0
             if updated and (step % args.sample_every == 0 or step == total):
                 if rank == 0:
                     log.info(f"samples: {sample_grid(m, args, step)}")
                 common.barrier()
             if updated and (step % args.checkpoint_every == 0 or step == total) or stop:
-                common.save_checkpoint(args.output_dir, step, training_state(m, args, step, counters),
+                state = common.training_state(m.unet, m.disc, m.opt_g, m.opt_d, args, step, counters, device)
+                common.save_checkpoint(args.output_dir, step, state,
                                        partial(export_lora, m.unet), args.keep_checkpoints)
                 log.info(f"checkpoint at step {step}")
             if stop:

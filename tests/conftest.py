@@ -127,3 +127,35 @@ def _offline_lpips():
         mp.setattr(common, "make_lpips", lambda: lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True,
                                                              verbose=False))
         yield
+
+
+def make_sdxl_pipeline(path, seed=0):
+    """Tiny SDXL layout: two CLIP encoders (the second with a projection), pooled embeddings and time ids."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    tok = byte_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, sample_size=32, scaling_factor=0.13025)
+    cfg = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+               vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
+               max_position_embeddings=77, hidden_act="gelu")
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
+                                     text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg)),
+                                     tokenizer=tok, tokenizer_2=tok, unet=unet, scheduler=sched)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sdxl_model(tmp_path_factory):
+    return make_sdxl_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))

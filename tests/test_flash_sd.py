@@ -301,18 +301,18 @@ def test_resume_continues_from_the_saved_state(sd_model, shards, tmp_path, monke
     assert saved["step"] == 2 and isinstance(saved["config"], dict)
 
     restored = {}
-    real_restore = flash_sd.restore
+    real_restore = common.restore_training_state
 
-    def spy(m, state, rank, log):
-        result = real_restore(m, state, rank, log)
+    def spy(state, unet, disc, opt_g, opt_d, *rest):
+        result = real_restore(state, unet, disc, opt_g, opt_d, *rest)
         from peft.utils import get_peft_model_state_dict
-        restored.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.unet).items()},
-                        disc={k: v.clone() for k, v in m.disc.state_dict().items()},
-                        opt_g=copy.deepcopy(m.opt_g.state_dict()), rng=torch.get_rng_state(),
-                        lr=(m.opt_g.param_groups[0]["lr"], m.opt_d.param_groups[0]["lr"]))
+        restored.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(unet).items()},
+                        disc={k: v.clone() for k, v in disc.state_dict().items()},
+                        opt_g=copy.deepcopy(opt_g.state_dict()), rng=torch.get_rng_state(),
+                        lr=(opt_g.param_groups[0]["lr"], opt_d.param_groups[0]["lr"]))
         return result
 
-    monkeypatch.setattr(flash_sd, "restore", spy)
+    monkeypatch.setattr(common, "restore_training_state", spy)
     with pytest.raises(common.UsageError, match="--lora_alpha"):  # a different LoRA scale cannot continue
         flash_sd.main(argv(sd_model, shards, out, *common_args, "--resume", "latest", "--lora_alpha", "8"))
     second = flash_sd.main(argv(sd_model, shards, out, *common_args, "--resume", "latest", "--lr_disc", "1e-4"))
