@@ -149,6 +149,9 @@ class SampleDecoder:
             hint = f" {c['no_caption']} had no json 'caption': see the README's sample layout."
         elif c["bad_image"] >= c["read"] // 2:
             hint = f" {c['bad_image']} had no readable jpg/jpeg/png/webp image."
+        elif c["bad_extra"] >= c["read"] // 2:
+            hint = (f" {c['bad_extra']} lacked the script's extra input (e.g. the edge map named by --edge_key "
+                    "is missing or unreadable).")
         return f"no usable sample in the first {c['read']} read from --shards ({c}).{hint}"
 
 

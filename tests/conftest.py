@@ -159,3 +159,40 @@ def make_sdxl_pipeline(path, seed=0):
 @pytest.fixture(scope="session")
 def sdxl_model(tmp_path_factory):
     return make_sdxl_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sdxl"))
+
+
+def make_adapter_pipeline(path, seed=0):
+    """Tiny SDXL + T2I-Adapter layout with SDXL's block structure (a plain down block, then two cross-
+    attention ones), so every adapter residual, the mid one included, has a place: 32 px images give 16x16
+    latents and residuals of 8x8, 8x8, 4x4 and 4x4 (mid)."""
+    from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLAdapterPipeline, T2IAdapter,
+                           UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(seed)
+    tok = byte_clip_tokenizer()
+    unet = UNet2DConditionModel(
+        block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 4),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=32)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, sample_size=32, scaling_factor=0.13025)
+    adapter = T2IAdapter(in_channels=1, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=4,
+                         adapter_type="full_adapter_xl")
+    cfg = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
+               vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
+               max_position_embeddings=77, hidden_act="gelu")
+    sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                   steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLAdapterPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
+                                            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**cfg)),
+                                            tokenizer=tok, tokenizer_2=tok, unet=unet, adapter=adapter, scheduler=sched)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def adapter_model(tmp_path_factory):
+    return make_adapter_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-adapter"))
