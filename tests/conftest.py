@@ -196,3 +196,40 @@ def make_adapter_pipeline(path, seed=0):
 @pytest.fixture(scope="session")
 def adapter_model(tmp_path_factory):
     return make_adapter_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-adapter"))
+
+
+def t5_tokenizer():
+    """A T5 (Unigram) tokenizer built in memory: <pad>, </s>, <unk>, then single characters and a few words."""
+    from transformers import T5Tokenizer
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(f"\u2581{w}", -1.0) for w in ("a", "red", "blue", "square", "circle", "the")]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789-"] + [("\u2581", -3.0)]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def make_pixart_pipeline(path, seed=0):
+    """Tiny PixArt-alpha layout: a DiT with 8 output channels (epsilon and variance), T5, a 2-level VAE."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtAlphaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tok = t5_tokenizer()
+    transformer = PixArtTransformer2DModel(
+        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+        caption_channels=32, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, sample_size=32)
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2,
+                                           num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    sched = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=sched)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pixart_model(tmp_path_factory):
+    return make_pixart_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-pixart"))

@@ -1,0 +1,184 @@
+"""flash_pixart.py on a tiny PixArt-alpha layout (DiT with 8 output channels, T5 with an attention mask):
+the teacher equals the stock pipeline, the mask and the epsilon channels are handled, and the PEFT adapter
+folder a run writes loads into a stock PixArtAlphaPipeline."""
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+
+import common
+import flash_pixart
+
+
+def argv(model, shards, out, *extra):
+    return ["--model", model, "--shards", *shards, "--output_dir", str(out), "--resolution", "32",
+            "--batch_size", "2", "--phase_steps", "1", "1", "1", "1", "--num_teacher_steps", "4",
+            "--mixed_precision", "no", "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "8",
+            "--distill_loss", "l2", "--log_every", "1", "--sample_every", "100", "--checkpoint_every", "100",
+            "--validation_prompts", "a red square", "a blue circle", *extra]
+
+
+@pytest.fixture(scope="module")
+def loaded(pixart_model, shards, tmp_path_factory):
+    args = flash_pixart.parse_args(argv(pixart_model, shards, tmp_path_factory.mktemp("o")))
+    return flash_pixart.load_models(args, torch.device("cpu"), torch.float32)
+
+
+def test_defaults_are_the_pixart_column():
+    a = flash_pixart.parse_args(["--shards", "x.tar"])
+    assert (a.model, a.resolution, a.batch_size, a.phase_steps) == ("PixArt-alpha/PixArt-XL-2-1024-MS", 1024, 2, [5000] * 4)
+    assert (a.num_teacher_steps, a.guidance_min, a.guidance_max, a.lora_rank, a.lora_alpha) == (16, 2, 9, 64, 8)
+    assert a.adv_weights == [0, .05, .1, .2] and a.dmd_weights == [0, .3, .5, .7]
+
+
+def test_lora_targets_and_published_size_on_the_real_architecture():
+    from diffusers import PixArtTransformer2DModel
+    from peft import LoraConfig, get_peft_model
+    with torch.device("meta"):
+        net = PixArtTransformer2DModel(sample_size=128, caption_channels=4096, use_additional_conditions=True)
+        assert abs(sum(p.numel() for p in net.parameters()) / 1e6 - 611.3) < 0.1
+        net = get_peft_model(net, LoraConfig(r=64, lora_alpha=8, target_modules=flash_pixart.LORA_TARGETS))
+    hit = {re.sub(r"transformer_blocks\.\d+", "transformer_blocks", n.removeprefix("base_model.model."))
+           for n, mod in net.named_modules() if hasattr(mod, "lora_A")}
+    assert "pos_embed.proj" in hit and "proj_out" in hit and "adaln_single.linear" in hit
+    assert {"transformer_blocks.attn1.to_q", "transformer_blocks.attn2.to_out.0", "transformer_blocks.ff.net.0.proj",
+            "transformer_blocks.ff.net.2", "caption_projection.linear_1"} <= hit
+    lora = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    head = flash_pixart.make_discriminator(4, 128)
+    assert head(torch.randn(1, 4, 128, 128)).shape == (1, 1)  # 128x128 eps map at 1024 px -> one logit
+    assert abs((lora + sum(p.numel() for p in head.parameters())) / 1e6 - 66.5) < 0.2  # METHOD.md: 66.5M
+
+
+def test_mask_and_epsilon_channels(loaded):
+    tokenizer, encoder, vae, net, *_ = loaded
+    cond = flash_pixart.encode_text(tokenizer, encoder, ["a red square"], 32, torch.device("cpu"), sizes=False)
+    n_real = int(cond["mask"].sum())
+    assert cond["text"].shape[1] == 120 and 1 < n_real < 120
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([500])
+    noisy = dict(cond, text=cond["text"].clone())
+    noisy["text"][:, n_real:] = torch.randn_like(noisy["text"][:, n_real:]) * 10  # padding positions only
+    with torch.no_grad():
+        e = flash_pixart.denoise(net, x, t, cond)
+        torch.testing.assert_close(flash_pixart.denoise(net, x, t, noisy), e)  # the mask hides the padding
+        full = net(x, encoder_hidden_states=cond["text"], encoder_attention_mask=cond["mask"], timestep=t,
+                   added_cond_kwargs=dict(resolution=None, aspect_ratio=None)).sample
+        unmasked = flash_pixart.denoise(net, x, t, dict(noisy, mask=torch.ones_like(cond["mask"])))
+    assert full.shape[1] == 8 and e.shape[1] == 4 and torch.equal(e, full[:, :4])  # epsilon, not the variance
+    assert (unmasked - e).abs().max() > 1e-4  # without the mask the padding would leak in
+
+
+def test_teacher_solve_matches_the_stock_pipeline(loaded):
+    from diffusers import PixArtAlphaPipeline
+    tokenizer, encoder, vae, net, sched, _ = loaded
+    m = flash_pixart.Models()
+    m.transformer = m.net = net
+    m.teacher_sched = sched
+    prompts = ["a red square", "a blue circle"]
+    cond = flash_pixart.encode_text(tokenizer, encoder, prompts, 32, torch.device("cpu"), sizes=False)
+    uncond = flash_pixart.expand_cond(flash_pixart.encode_text(tokenizer, encoder, [""], 32, torch.device("cpu"),
+                                                               sizes=False), 2)
+    torch.manual_seed(0)
+    x_t = torch.randn(2, 4, 16, 16)
+    sched.set_timesteps(4)
+    ours = flash_pixart.teacher_solve(m, x_t, 0, cond, uncond, 4.5)
+    pipe = PixArtAlphaPipeline(tokenizer=tokenizer, text_encoder=encoder, vae=vae, transformer=net, scheduler=sched)
+    with flash_pixart.teacher_mode(net):
+        stock = pipe(prompts, num_inference_steps=4, guidance_scale=4.5, latents=x_t, output_type="latent",
+                     height=32, width=32, use_resolution_binning=False, clean_caption=False).images
+    torch.testing.assert_close(ours, stock.float(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def e2e(pixart_model, shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    m = flash_pixart.main(argv(pixart_model, shards, out, "--lr", "3e-3", "--checkpoint_every", "2",
+                               "--keep_checkpoints", "1", "--sample_every", "4"))
+    return out, m
+
+
+def test_end_to_end_and_the_adapter_folder_in_a_stock_pipeline(e2e, pixart_model):
+    from diffusers import LCMScheduler, PixArtAlphaPipeline
+    from peft import PeftModel
+    out, m = e2e
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["phase"] for r in rows] == [0, 1, 2, 3] and rows[0]["adv"] == 0
+    assert all(r["dmd"] > 0 and r["adv"] > 0 and r["disc"] > 0 for r in rows[1:])
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000004"]
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(out))
+    cfg = json.load(open(out / "adapter_config.json"))
+    assert (cfg["r"], cfg["lora_alpha"]) == (4, 8)
+    pipe = PixArtAlphaPipeline.from_pretrained(pixart_model)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    pipe.set_progress_bar_config(disable=True)
+
+    def run():
+        return pipe("a red square", num_inference_steps=4, guidance_scale=0, height=32, width=32,
+                    use_resolution_binning=False, clean_caption=False,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images
+
+    before = run()
+    pipe.transformer = PeftModel.from_pretrained(pipe.transformer, str(out))
+    assert np.abs(run() - before).max() > 1e-3
+    cond = flash_pixart.encode_text(pipe.tokenizer, pipe.text_encoder, ["a"], 32, torch.device("cpu"), sizes=False)
+    torch.manual_seed(0)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([749])
+    with torch.no_grad():  # the loaded adapter, scale alpha / r = 2 included, is exactly the trained student
+        torch.testing.assert_close(flash_pixart.denoise(pipe.transformer, x, t, cond),
+                                   flash_pixart.denoise(m.transformer, x, t, cond), rtol=1e-5, atol=1e-5)
+
+
+def test_resume(pixart_model, shards, tmp_path):
+    out = tmp_path / "run"
+    args = ["--phase_steps", "1", "1", "0", "0", "--checkpoint_every", "1", "--keep_checkpoints", "0"]
+    assert flash_pixart.main(argv(pixart_model, shards, out, *args, "--max_steps", "1")).step == 1
+    saved = common.load_training_state(out / "checkpoints" / "step_000001")
+    restored = {}
+    real = common.restore_training_state
+
+    def spy(state, net, *rest):
+        result = real(state, net, *rest)
+        from peft.utils import get_peft_model_state_dict
+        restored.update({k: v.clone() for k, v in get_peft_model_state_dict(net).items()})
+        return result
+
+    common.restore_training_state = spy
+    try:
+        m = flash_pixart.main(argv(pixart_model, shards, out, *args, "--resume", "latest"))
+    finally:
+        common.restore_training_state = real
+    assert m.step == 2 and sorted(os.listdir(out / "checkpoints")) == ["step_000001", "step_000002"]
+    assert saved["lora"].keys() == restored.keys() and all(torch.equal(saved["lora"][k], restored[k]) for k in restored)
+
+
+def test_torchrun_two_processes(pixart_model, shards, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        import flash_pixart
+        from peft.utils import get_peft_model_state_dict
+        m = flash_pixart.main(sys.argv[1:])
+        torch.save(dict(step=m.step, lora=get_peft_model_state_dict(m.transformer), disc=m.disc.state_dict()),
+                   os.path.join({str(out)!r}, "rank" + os.environ["RANK"] + ".pt"))
+    """))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+                        *argv(pixart_model, shards, out, "--phase_steps", "0", "2", "0", "0", "--lr", "3e-3",
+                              "--overwrite")],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert r0["step"] == r1["step"] == 2
+    assert all(torch.equal(r0["lora"][k], r1["lora"][k]) for k in r0["lora"])
+    assert all(torch.equal(r0["disc"][k], r1["disc"][k]) for k in r0["disc"])
+    assert max(r0["lora"][k].abs().max() for k in r0["lora"] if "lora_B" in k) > 1e-3
