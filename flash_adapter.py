@@ -511,10 +511,10 @@ def main(argv=None):
     sums, n_sum, train_time, in_a_row, last = {}, 0, 0.0, 0, {}
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="flash_adapter", dynamic_ncols=True)
     data = iter(loader)
-    first = next(data)
-    m.val_edges = first["edges"][: len(args.validation_prompts)]  # the validation grids' conditioning images
-    data = itertools.chain([first], data)
     try:
+        first = next(data)
+        m.val_edges = first["edges"][: len(args.validation_prompts)]  # the validation grids' edge maps
+        data = itertools.chain([first], data)
         while step < total:
             t_step = time.time()
             losses, updated, stop = train_step(m, next(data), step, args, stop_signal.requested)
