@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 import webdataset as wds
 from braceexpand import braceexpand
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -31,6 +32,7 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated jpg must fail to decode, 
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_FILTERED = 500  # samples read with none passing the filters before we stop and say why
+MAX_NONFINITE = 5  # non-finite losses in a row before training stops
 
 
 class UsageError(ValueError):
@@ -493,6 +495,76 @@ def peak_memory_gb(device):
         return torch.cuda.max_memory_allocated(device) / 2 ** 30
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
+
+
+def start_run(args):
+    """Processes, output folder, rank-aware logger, TF32, and the init seed shared by every rank (the LoRA
+    and the head start identical; DDP also broadcasts rank 0's). Returns (rank, world_size, device, log)."""
+    rank, world_size, device = setup_distributed()
+    if rank == 0:
+        prepare_output_dir(args.output_dir, args.overwrite, args.resume)
+    barrier()
+    log = get_logger(rank, args.output_dir)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)
+    return rank, world_size, device, log
+
+
+def make_trainable(net, denoiser, disc, args, device, world_size, resume_dir, log):
+    """DDP wraps only what trains: the student call through `net` (the denoiser, maybe compiled; its LoRA
+    gradients) and the discriminator head. AdamW for each; the state restored from `resume_dir` if given,
+    else each rank seeded with seed + rank. Returns (student, disc_ddp, opt_g, opt_d, step, counters)."""
+    ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
+    student = DDP(net, **ddp_kw) if world_size > 1 else net
+    disc_ddp = DDP(disc, **ddp_kw) if world_size > 1 else disc
+    lora_params = [p for p in denoiser.parameters() if p.requires_grad]
+    fused = dict(fused=True) if device.type == "cuda" else {}
+    opt_g = torch.optim.AdamW(lora_params, lr=args.lr, **fused)
+    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr_disc, **fused)
+    log.info(f"LoRA {sum(p.numel() for p in lora_params) / 1e6:.2f}M + discriminator "
+             f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M trainable parameters; "
+             f"{world_size} process(es) on {device.type}")
+    step, counters = 0, dict(nonfinite=0)
+    if resume_dir:
+        step, counters = restore_training_state(load_training_state(resume_dir), denoiser, disc, opt_g, opt_d,
+                                                args, device, log)
+        log.info(f"resumed from {resume_dir} at step {step}")
+    else:
+        torch.manual_seed(args.seed + get_rank_world()[0])
+    return student, disc_ddp, opt_g, opt_d, step, counters
+
+
+class Tally:
+    """The loop's bookkeeping between log lines: loss sums, training time, non-finite skips (MAX_NONFINITE
+    in a row stop training with an error)."""
+
+    def __init__(self, counters):
+        self.counters, self.in_a_row = counters, 0
+        self.reset()
+
+    def reset(self):
+        self.sums, self.steps, self.seconds = {}, 0, 0.0
+
+    def record(self, losses, updated, seconds, step, log, output_dir):
+        """Returns 1 if the update happened (the step advances), 0 if it was skipped."""
+        if updated:
+            self.in_a_row, self.steps, self.seconds = 0, self.steps + 1, self.seconds + seconds
+            self.sums = {k: self.sums.get(k, 0) + v for k, v in losses.items()}
+            return 1
+        self.counters["nonfinite"] += 1
+        self.in_a_row += 1
+        log.info(f"step {step}: non-finite loss, update skipped ({self.in_a_row} in a row)")
+        if self.in_a_row >= MAX_NONFINITE:
+            raise RuntimeError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; the last good "
+                               f"checkpoint is in {output_dir}/checkpoints. Try a lower --lr, "
+                               "--mixed_precision no, or check the data.")
+        return 0
+
+    def flush(self, args, step, loader, device, log):
+        last = log_metrics(args, step, self.sums, self.steps, self.seconds, self.counters, loader, device, log)
+        self.reset()
+        return last
 
 
 def check_run_args(args):

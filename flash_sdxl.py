@@ -35,7 +35,6 @@ from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler,
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -49,7 +48,6 @@ DEFAULT_PROMPTS = [
 ]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of every transformer block
 GAN_TIMESTEPS = [10, 250, 500, 750]  # noise levels the discriminator sees, one drawn per sample
-MAX_NONFINITE = 5  # non-finite losses in a row before training stops
 
 
 def parse_args(argv=None):
@@ -386,14 +384,7 @@ class Models:
 def main(argv=None):
     args = parse_args(argv)
     resume_dir = check_args(args)
-    rank, world_size, device = common.setup_distributed()
-    if rank == 0:
-        common.prepare_output_dir(args.output_dir, args.overwrite, args.resume)
-    common.barrier()
-    log = common.get_logger(rank, args.output_dir)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)  # same LoRA and head init on every rank (DDP also broadcasts rank 0's)
+    rank, world_size, device, log = common.start_run(args)
 
     m = Models()
     m.args, m.device = args, device
@@ -417,55 +408,25 @@ def main(argv=None):
     # use the plain module, so saved keys never carry a compile prefix
     m.net = torch.compile(m.unet, dynamic=False) if args.compile else m.unet
     m.features = torch.compile(mid_features, dynamic=False) if args.compile else mid_features
-    # DDP wraps only what trains: the student call (its LoRA grads) and the discriminator head
-    ddp = world_size > 1
-    ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-    m.student = DDP(m.net, **ddp_kw) if ddp else m.net
-    m.disc_ddp = DDP(m.disc, **ddp_kw) if ddp else m.disc
-    lora_params = [p for p in m.unet.parameters() if p.requires_grad]
-    fused = dict(fused=True) if device.type == "cuda" else {}
-    m.opt_g = torch.optim.AdamW(lora_params, lr=args.lr, **fused)
-    m.opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.lr_disc, **fused)
-    log.info(f"LoRA {sum(p.numel() for p in lora_params) / 1e6:.2f}M + discriminator "
-             f"{sum(p.numel() for p in m.disc.parameters()) / 1e6:.2f}M trainable parameters; "
-             f"{world_size} process(es) on {device.type}")
-
-    step, counters = 0, dict(nonfinite=0)
-    if resume_dir:
-        step, counters = common.restore_training_state(common.load_training_state(resume_dir), m.unet, m.disc,
-                                                       m.opt_g, m.opt_d, args, device, log)
-        log.info(f"resumed from {resume_dir} at step {step}")
-    else:
-        torch.manual_seed(args.seed + rank)
+    m.student, m.disc_ddp, m.opt_g, m.opt_d, step, counters = common.make_trainable(
+        m.net, m.unet, m.disc, args, device, world_size, resume_dir, log)
     total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
     loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers,
                                 args.min_aesthetic, seed=args.seed + 100_003 * step)  # a resumed run reads new samples
 
     stop_signal = common.StopSignal()
-    sums, n_sum, train_time, in_a_row, last = {}, 0, 0.0, 0, {}
+    tally, last = common.Tally(counters), {}
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="flash_sdxl", dynamic_ncols=True)
     data = iter(loader)
     try:
         while step < total:
             t_step = time.time()
             losses, updated, stop = train_step(m, next(data), step, args, stop_signal.requested)
-            if updated:
-                in_a_row, step, n_sum = 0, step + 1, n_sum + 1
-                train_time += time.time() - t_step
-                sums = {k_: sums.get(k_, 0) + v for k_, v in losses.items()}
-                bar.update(1)
-            else:
-                counters["nonfinite"] += 1
-                in_a_row += 1
-                log.info(f"step {step}: non-finite loss, update skipped ({in_a_row} in a row)")
-                if in_a_row >= MAX_NONFINITE:
-                    raise RuntimeError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; the last good "
-                                       f"checkpoint is in {args.output_dir}/checkpoints. Try a lower --lr, "
-                                       "--mixed_precision no, or check the data.")
+            step += tally.record(losses, updated, time.time() - t_step, step, log, args.output_dir)
+            bar.update(int(updated))
             if updated and (step % args.log_every == 0 or step == total):
-                last = common.log_metrics(args, step, sums, n_sum, train_time, counters, loader, device, log)
+                last = tally.flush(args, step, loader, device, log)
                 bar.set_postfix(g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
-                sums, n_sum, train_time = {}, 0, 0.0
             if updated and (step % args.sample_every == 0 or step == total):
                 if rank == 0:
                     log.info(f"samples: {sample_grid(m, args, step)}")
