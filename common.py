@@ -345,6 +345,12 @@ def renoise(x0, noise, t, alphas_cumprod):
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def renoise_flow(x0, noise, sigma):
+    """Flow matching's forward process (SD3) at sigma (B,): sigma noise + (1 - sigma) x0; pure noise at 1."""
+    s = bcast(sigma, x0)
+    return s * noise + (1 - s) * x0
+
+
 def center_crop_latents(z, size=64):
     """Centre crop of the latents (the paper decodes 64x64 latent crops for LPIPS)."""
     h, w = z.shape[-2:]
@@ -388,6 +394,20 @@ def dmd_loss(x_hat, y, e_real, e_fake, alphas_cumprod_t2):
     a = bcast(alphas_cumprod_t2, x_hat)
     coeff = (e_real - e_fake) * (1 - a).sqrt() / a.sqrt()  # = x0_fake - x0_real
     x0_real = (y - (1 - a).sqrt() * e_real) / a.sqrt()
+    return dmd_from_x0(x_hat, coeff, x0_real)
+
+
+def dmd_loss_flow(x_hat, y, v_real, v_fake, sigma_t2):
+    """dmd_loss for flow matching (SD3), given the velocities at y = renoise_flow(x_hat, n, sigma_t2):
+    x0 = y - sigma v, so x0_fake - x0_real = sigma (v_real - v_fake)."""
+    x_hat, y, v_real, v_fake = x_hat.float(), y.float(), v_real.float(), v_fake.float()
+    s = bcast(sigma_t2.float(), x_hat)
+    return dmd_from_x0(x_hat, s * (v_real - v_fake), y - s * v_real)
+
+
+def dmd_from_x0(x_hat, coeff, x0_real):
+    """The DMD step shared by both parameterisations: coeff = x0_fake - x0_real, weighted per sample by
+    1 / mean|x_hat - x0_real| (detached), as an MSE to a detached target."""
     wgt = 1.0 / ((x_hat - x0_real).abs().mean(dim=tuple(range(1, x_hat.ndim)), keepdim=True) + 1e-5)
     return F.mse_loss(x_hat, (x_hat - wgt * coeff).detach())
 

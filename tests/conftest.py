@@ -233,3 +233,39 @@ def make_pixart_pipeline(path, seed=0):
 @pytest.fixture(scope="session")
 def pixart_model(tmp_path_factory):
     return make_pixart_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-pixart"))
+
+
+def make_sd3_pipeline(path, seed=0):
+    """Tiny SD3 layout: an MMDiT with 16 latent channels (one joint block, one context-pre-only block), two CLIP
+    encoders with projections (hidden 16 and 32, so their concatenation is padded up to the joint width 64, as
+    768 + 1280 is to 4096), T5, a 16-channel VAE with SD3's shift and scale, the shift-3 flow-matching scheduler."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tok, tok3 = byte_clip_tokenizer(), t5_tokenizer()
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48, out_channels=16,
+        pos_embed_max_size=16)
+    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=16,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=32, sample_size=32, shift_factor=0.0609, scaling_factor=1.5035,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    clip = dict(intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tok),
+                bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
+                max_position_embeddings=77, hidden_act="gelu")
+    t5 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
+                                 pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, projection_dim=16, **clip)),
+        tokenizer=tok,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, projection_dim=32, **clip)),
+        tokenizer_2=tok, text_encoder_3=t5, tokenizer_3=tok3)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd3_model(tmp_path_factory):
+    return make_sd3_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))

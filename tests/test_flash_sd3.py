@@ -1,0 +1,345 @@
+"""flash_sd3.py on a tiny SD3 layout (MMDiT with 16 latent channels, two CLIPs with projections, T5, a VAE with a
+shift factor): the flow-matching forms against hand-computed values and stock diffusers, the conditioning with and
+without T5, the student's sampler, and the LoRA a run writes in a stock StableDiffusion3Pipeline."""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, StableDiffusion3Pipeline
+
+import common
+import flash_sd3
+
+CPU = torch.device("cpu")
+
+
+def argv(model, shards, out, *extra):
+    return ["--model", model, "--shards", *shards, "--output_dir", str(out), "--resolution", "32",
+            "--batch_size", "2", "--phase_steps", "1", "1", "1", "1", "--num_teacher_steps", "4",
+            "--mixed_precision", "no", "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "8",
+            "--distill_loss", "l2", "--log_every", "1", "--sample_every", "100", "--checkpoint_every", "100",
+            "--validation_prompts", "a red square", "a blue circle", *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def loaded(sd3_model, shards, tmp_path_factory):
+    args = flash_sd3.parse_args(argv(sd3_model, shards, tmp_path_factory.mktemp("o"), "--use_t5"))
+    return flash_sd3.load_models(args, CPU, torch.float32)
+
+
+@pytest.fixture(scope="module")
+def stock(sd3_model):
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_defaults_are_the_sd3_column():
+    a = flash_sd3.parse_args(["--shards", "x.tar"])
+    assert (a.model, a.resolution, a.batch_size) == ("stabilityai/stable-diffusion-3-medium-diffusers", 1024, 2)
+    assert (a.num_teacher_steps, a.guidance_min, a.guidance_max, a.lora_rank, a.lora_alpha) == (32, 7, 13, 64, 8)
+    assert a.adv_weights == [0, .1, .3, .5] and a.dmd_weights == [0, .3, .5, .7] and a.phase_steps == [2500] * 4
+    assert not a.use_t5 and a.negative_prompt.startswith("deformed, distorted") and a.negative_prompt.endswith("NSFW")
+    assert flash_sd3.parse_args(["--shards", "x.tar", "--negative_prompt", ""]).negative_prompt == ""
+
+
+def test_published_trainable_parameter_count():
+    """SD3-medium (2,028.3M) with the rank-64 LoRA on PixArt's target list + the SD3 head = 90.4M (METHOD.md)."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+    with torch.device("meta"):
+        net = SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                                    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                                    pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192)
+        assert abs(sum(p.numel() for p in net.parameters()) / 1e6 - 2028.3) < 0.1
+        net.requires_grad_(False).add_adapter(LoraConfig(r=64, lora_alpha=8, target_modules=flash_sd3.LORA_TARGETS))
+    hit = {re.sub(r"transformer_blocks\.\d+", "B", n) for n, mod in net.named_modules() if hasattr(mod, "lora_A")}
+    assert {"pos_embed.proj", "proj_out", "norm_out.linear", "B.attn.to_q", "B.ff_context.net.0.proj"} <= hit
+    assert not any("add_q_proj" in n or "context_embedder" in n for n in hit)
+    lora = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    head = flash_sd3.make_discriminator(16, 128)
+    assert head(torch.randn(1, 16, 128, 128)).shape == (1, 25)  # 128x128 velocity map at 1024 px -> 5x5 logits
+    assert abs((lora + sum(p.numel() for p in head.parameters())) / 1e6 - 90.4) < 0.05
+
+
+def test_vae_shift_and_scale_both_ways(loaded, stock):
+    vae = loaded[2]
+    assert (vae.config.shift_factor, vae.config.scaling_factor) == (0.0609, 1.5035)
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        torch.manual_seed(0)
+        z = flash_sd3.to_latent(vae, x)
+        torch.manual_seed(0)
+        raw = vae.encode(x).latent_dist.sample()
+        torch.testing.assert_close(z, (raw - 0.0609) * 1.5035)
+        torch.testing.assert_close(z.mean(), (raw.mean() - 0.0609) * 1.5035)  # the latent mean moves by the shift
+        torch.testing.assert_close(flash_sd3.from_latent(vae, z), vae.decode(raw).sample)  # decode undoes both
+        # the stock pipeline decodes its latents the same way
+        run = dict(prompt="a red square", num_inference_steps=2, height=32, width=32)
+        latents = stock(**run, generator=torch.Generator().manual_seed(0), output_type="latent").images
+        image = stock(**run, generator=torch.Generator().manual_seed(0), output_type="pt").images
+        ours = (flash_sd3.from_latent(vae, latents) / 2 + 0.5).clamp(0, 1)
+    torch.testing.assert_close(ours, image, rtol=1e-5, atol=1e-5)
+
+
+def test_conditioning_with_and_without_t5_matches_the_stock_pipeline(loaded, stock):
+    tokenizers, encoders = loaded[:2]
+    prompts = ["a red square", "a blue circle"]
+    neg = [flash_sd3.NEGATIVE_PROMPT] * 2
+    with torch.no_grad():
+        ours_t5 = flash_sd3.encode_text(tokenizers, encoders, prompts, 64, CPU)
+        ref_t5 = stock.encode_prompt(prompts, None, None, negative_prompt=neg)
+        ours_off = flash_sd3.encode_text(tokenizers[:2], encoders[:2], prompts, 64, CPU)
+        uncond_off = flash_sd3.encode_text(tokenizers[:2], encoders[:2], neg[:1], 64, CPU)
+        t5, stock.text_encoder_3 = stock.text_encoder_3, None  # the stock pipeline without T5
+        try:
+            ref_off = stock.encode_prompt(prompts, None, None, negative_prompt=neg)
+        finally:
+            stock.text_encoder_3 = t5
+    for ours, (text, neg_text, pooled, neg_pooled) in ((ours_t5, ref_t5), (ours_off, ref_off)):
+        assert ours["text"].shape == (2, 77 + 256, 64) and ours["pooled"].shape == (2, 48)
+        torch.testing.assert_close(ours["text"], text)
+        torch.testing.assert_close(ours["pooled"], pooled)
+    torch.testing.assert_close(uncond_off["text"], ref_off[1][:1])  # the negative prompt is the unconditional input
+    torch.testing.assert_close(uncond_off["pooled"], ref_off[3][:1])
+    assert ours_off["text"][:, 77:].abs().max() == 0 and ours_t5["text"][:, 77:].abs().max() > 0.1
+    assert ours_off["text"][:, :77, 48:].abs().max() == 0  # CLIP widths 16 + 32, zero-padded to the joint 64
+
+
+def test_flow_forms_by_hand():
+    """x_t, the student's x0 = x_t - sigma v, and the flow DMD loss's gradient, against hand-computed values."""
+    z0, eps = torch.tensor([[0.5, -1.0]]).view(1, 2, 1, 1).repeat(2, 1, 1, 1), torch.ones(2, 2, 1, 1)
+    sigma = torch.tensor([1.0, 0.25])
+    x_t = common.renoise_flow(z0, eps, sigma)
+    assert x_t.flatten().tolist() == [1.0, 1.0, 0.25 + 0.375, 0.25 - 0.75]  # pure noise at sigma = 1
+    v = torch.tensor([2.0, 4.0, -1.0, 8.0]).view(2, 2, 1, 1)
+    assert flash_sd3.x0_from_v(x_t, v, sigma).flatten().tolist() == [1 - 2.0, 1 - 4.0, 0.625 + 0.25, -0.5 - 2.0]
+    torch.testing.assert_close(flash_sd3.x0_from_v(x_t, eps - z0, sigma), z0)  # the true velocity gives z0 back
+
+    torch.manual_seed(0)
+    x_hat = torch.randn(2, 3, 4, 4, requires_grad=True)
+    s2 = torch.tensor([0.3, 0.9])
+    y = common.renoise_flow(x_hat.detach(), torch.randn(2, 3, 4, 4), s2)
+    v_real, v_fake = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    common.dmd_loss_flow(x_hat, y, v_real, v_fake, s2).backward()
+    s = s2.view(2, 1, 1, 1)
+    x0_real = y - s * v_real
+    wgt = 1 / ((x_hat.detach() - x0_real).abs().mean(dim=(1, 2, 3), keepdim=True) + 1e-5)
+    torch.testing.assert_close(x_hat.grad, 2 / x_hat.numel() * wgt * s * (v_real - v_fake))  # x0_fake - x0_real
+    x_hat.grad = None
+    common.dmd_loss_flow(x_hat, y, v_real, v_real.clone(), s2).backward()
+    assert x_hat.grad.abs().max() == 0
+
+
+def test_teacher_euler_solve_by_hand_and_against_the_stock_pipeline(loaded, stock):
+    tokenizers, encoders, vae, net, sched, _ = loaded
+    m = flash_sd3.Models()
+    m.transformer = m.net = net
+    sched.set_timesteps(4)
+    m.sigmas = sched.sigmas.clone()
+    # K = 4, shift 3: u = linspace(1, 0.002994, 4), sigma = 3u / (1 + 2u), then the final 0
+    u = torch.linspace(1, 0.003 / 1.002, 4, dtype=torch.float64)
+    torch.testing.assert_close(m.sigmas, torch.cat([3 * u / (1 + 2 * u), torch.zeros(1, dtype=u.dtype)]).float())
+    prompts = ["a red square", "a blue circle"]
+    cond = flash_sd3.encode_text(tokenizers[:2], encoders[:2], prompts, 64, CPU)
+    uncond = flash_sd3.expand_cond(flash_sd3.encode_text(tokenizers[:2], encoders[:2], ["ugly"], 64, CPU), 2)
+    torch.manual_seed(0)
+    x_t = torch.randn(2, 16, 16, 16)
+    with torch.no_grad():
+        ours = flash_sd3.teacher_solve(m, x_t, 2, cond, uncond, 7.5)
+        x = x_t
+        with flash_sd3.teacher_mode(net):
+            for i in (2, 3):  # two Euler steps, the CFG halves as two separate forwards
+                s = m.sigmas[i].expand(2)
+                v_u, v_c = flash_sd3.denoise(net, x, s, uncond), flash_sd3.denoise(net, x, s, cond)
+                x = x + (m.sigmas[i + 1] - m.sigmas[i]) * (v_u + 7.5 * (v_c - v_u))
+        torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+        full = flash_sd3.teacher_solve(m, x_t, 0, cond, uncond, 7.5)
+        stock.text_encoder_3, t5 = None, stock.text_encoder_3
+        try:
+            ref = stock(prompts, negative_prompt=["ugly"] * 2, num_inference_steps=4, guidance_scale=7.5, latents=x_t,
+                        height=32, width=32, output_type="latent").images
+        finally:
+            stock.text_encoder_3 = t5
+    torch.testing.assert_close(full, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_student_sampler_is_flow_match_lcm_at_the_mixture_modes():
+    # the real SD3 scheduler (shift 3), K = 32: the student's 4 sigmas are the mixture's modes 0, 8, 16, 24
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    sched.set_timesteps(32)
+    four = flash_sd3.student_sigmas(sched.sigmas, 4)
+    np.testing.assert_allclose(four, [1.0, 0.8965, 0.7389, 0.4700], atol=1e-4)
+    assert flash_sd3.student_sigmas(sched.sigmas, 2) == [four[0], four[2]]
+    assert flash_sd3.student_sigmas(sched.sigmas, 1) == [1.0]
+    for pi in common.MODE_PROBS:  # the modes with weight are where the mixture peaks; nothing lands near 10 or 21
+        p = common.start_index_probs(32, pi)
+        assert all(p[j] > 0.05 for j, w in zip((0, 8, 16, 24), pi) if w > 0) and p[[10, 11, 20, 21, 31]].max() < 1e-3
+    stock_lcm = FlowMatchLCMScheduler(shift=3.0)
+    stock_lcm.set_timesteps(4)  # the stock spacing the released model used
+    np.testing.assert_allclose(stock_lcm.sigmas[:4], [1.0, 0.8577, 0.6022, 0.0089], atol=1e-4)
+
+    # FlowMatchLCMScheduler (shift 1: the sigmas are given shifted) against the reference step
+    lcm = FlowMatchLCMScheduler.from_config(sched.config, shift=1.0)
+    lcm.set_timesteps(sigmas=four)
+    torch.testing.assert_close(lcm.sigmas, torch.tensor(four + [0.0]))
+    torch.testing.assert_close(lcm.timesteps, 1000 * torch.tensor(four))
+    torch.manual_seed(0)
+    x = torch.randn(2, 16, 8, 8)
+    for i, t in enumerate(lcm.timesteps):
+        v = torch.randn_like(x)
+        out = lcm.step(v, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        s, s_next = four[i], (four + [0.0])[i + 1]
+        x0 = x - s * v  # x0 = x - sigma v, then fresh noise up to the next sigma
+        ref = (1 - s_next) * x0 + s_next * torch.randn(x.shape, generator=torch.Generator().manual_seed(i))
+        torch.testing.assert_close(out, ref)
+        x = out
+    torch.testing.assert_close(x, x0)  # the last step returns the clean estimate
+
+
+def test_bad_layout_and_resolution_are_named(sd_model, sd3_model, shards, tmp_path):
+    with pytest.raises(common.UsageError, match="cannot read a diffusers SD3 layout"):
+        flash_sd3.check_args(flash_sd3.parse_args(argv(sd_model, shards, tmp_path / "a")))
+    with pytest.raises(common.UsageError, match="multiple of 4"):
+        flash_sd3.check_args(flash_sd3.parse_args(argv(sd3_model, shards, tmp_path / "b", "--resolution", "34")))
+    with pytest.raises(common.UsageError, match="at most 64"):
+        flash_sd3.check_args(flash_sd3.parse_args(argv(sd3_model, shards, tmp_path / "c", "--resolution", "128")))
+    no_t5 = tmp_path / "no-t5"
+    shutil.copytree(sd3_model, no_t5, ignore=shutil.ignore_patterns("text_encoder_3"))
+    with pytest.raises(common.UsageError, match="--use_t5"):
+        flash_sd3.check_args(flash_sd3.parse_args(argv(str(no_t5), shards, tmp_path / "d", "--use_t5")))
+    flash_sd3.check_args(flash_sd3.parse_args(argv(str(no_t5), shards, tmp_path / "e")))  # T5 off needs no T5
+
+
+@pytest.fixture(scope="module")
+def e2e(sd3_model, shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    m = flash_sd3.main(argv(sd3_model, shards, out, "--lr", "3e-3", "--checkpoint_every", "2",
+                            "--keep_checkpoints", "1", "--sample_every", "4"))
+    return out, m
+
+
+def test_end_to_end_run(e2e):
+    from PIL import Image
+    out, m = e2e
+    rows = metrics(out)
+    assert [r["phase"] for r in rows] == [0, 1, 2, 3]
+    assert rows[0]["dmd"] == 0 and rows[0]["adv"] == 0 and rows[0]["distill"] > 0 and rows[0]["disc"] > 0
+    assert all(r["dmd"] > 0 and r["adv"] > 0 for r in rows[1:])
+    assert {round(r["t"], 1) for r in rows} <= {1000.0, 857.7, 602.2, 8.9}  # starts on the K = 4 grid
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000004"]
+    assert Image.open(out / "samples" / "step_000004.png").size == (4 * 128, 2 * 128 + 14)
+
+
+def test_lora_loads_into_a_stock_sd3_pipeline(e2e, sd3_model):
+    from safetensors import safe_open
+    out, m = e2e
+    with safe_open(str(out / "pytorch_lora_weights.safetensors"), "pt") as f:
+        meta = json.loads(f.metadata()["lora_adapter_metadata"])
+    assert (meta["transformer.r"], meta["transformer.lora_alpha"]) == (4, 8)
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd3_model, text_encoder_3=None, tokenizer_3=None)
+    pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config, shift=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    sigmas = flash_sd3.student_sigmas(m.sigmas, 4)
+
+    def run(n=4, **kw):
+        return pipe("a red square", sigmas=sigmas[::4 // n], guidance_scale=0, height=32, width=32,
+                    generator=torch.Generator().manual_seed(0), **kw).images
+
+    before = run(output_type="np")
+    pipe.load_lora_weights(str(out))
+    assert np.abs(run(output_type="np") - before).max() > 1e-3
+    cond = flash_sd3.encode_text([pipe.tokenizer, pipe.tokenizer_2], [pipe.text_encoder, pipe.text_encoder_2],
+                                 ["a red square"], 64, CPU)
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the loaded LoRA, scale alpha / r = 2 included, is exactly the trained student
+        v = flash_sd3.denoise(m.transformer, x, torch.tensor([0.8965]), cond)
+        torch.testing.assert_close(flash_sd3.denoise(pipe.transformer, x, torch.tensor([0.8965]), cond), v,
+                                   rtol=1e-5, atol=1e-5)
+        # one stock sampler step from pure noise is the student's one-step output x_hat = x_t - sigma v
+        one = run(n=1, latents=x, output_type="latent")
+        ref = flash_sd3.x0_from_v(x, flash_sd3.denoise(m.transformer, x, torch.ones(1), cond), torch.ones(1))
+    torch.testing.assert_close(one, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_resume_restores_the_tensors(e2e, sd3_model, shards, tmp_path):
+    src, _ = e2e
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    saved = common.load_training_state(out / "checkpoints" / "step_000004")
+    restored = {}
+    real = common.restore_training_state
+
+    def spy(state, net, disc, *rest):
+        result = real(state, net, disc, *rest)
+        from peft.utils import get_peft_model_state_dict
+        restored.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(net).items()},
+                        disc={k: v.clone() for k, v in disc.state_dict().items()})
+        return result
+
+    common.restore_training_state = spy
+    try:
+        m = flash_sd3.main(argv(sd3_model, shards, out, "--lr", "3e-3", "--phase_steps", "1", "1", "1", "2",
+                                "--keep_checkpoints", "0", "--resume", "latest"))
+    finally:
+        common.restore_training_state = real
+    assert m.step == 5 and [r["step"] for r in metrics(out)] == [1, 2, 3, 4, 5]
+    for key in ("lora", "disc"):
+        assert saved[key].keys() == restored[key].keys()
+        assert all(torch.equal(saved[key][k], restored[key][k]) for k in saved[key])
+    assert int(common.load_training_state(out / "checkpoints" / "step_000005")["opt_g"]["state"][0]["step"]) == 5
+
+
+def test_torchrun_two_processes_with_t5(sd3_model, shards, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    driver = tmp_path / "driver.py"
+    driver.write_text(textwrap.dedent(f"""
+        import os, sys, torch
+        sys.path.insert(0, {ROOT!r})
+        import flash_sd3
+        from peft.utils import get_peft_model_state_dict
+        m = flash_sd3.main(sys.argv[1:])
+        torch.save(dict(step=m.step, lora=get_peft_model_state_dict(m.transformer), disc=m.disc.state_dict(),
+                        t5=m.uncond["text"][:, 77:].abs().max()),
+                   os.path.join({str(out)!r}, "rank" + os.environ["RANK"] + ".pt"))
+    """))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+                        *argv(sd3_model, shards, out, "--phase_steps", "0", "2", "0", "0", "--lr", "3e-3",
+                              "--use_t5", "--overwrite")],
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    r0, r1 = (torch.load(out / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    assert r0["step"] == r1["step"] == 2 and r0["t5"] > 0.1  # T5 states, not zeros, in the conditioning
+    assert all(torch.equal(r0["lora"][k], r1["lora"][k]) for k in r0["lora"])
+    assert all(torch.equal(r0["disc"][k], r1["disc"][k]) for k in r0["disc"])
+    assert max(r0["lora"][k].abs().max() for k in r0["lora"] if "lora_B" in k) > 1e-3
+    assert (out / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_gradient_checkpointing_gives_the_same_update(sd3_model, shards, tmp_path):
+    """Same seed, same data: one update with --gradient_checkpointing equals one without (the GAN feature pass in
+    teacher mode must not be recomputed with the LoRA back on)."""
+    from peft.utils import get_peft_model_state_dict
+    runs = [flash_sd3.main(argv(sd3_model, shards, tmp_path / f"run{i}", *flag, "--phase_steps", "0", "1", "0", "0",
+                                "--lr", "1e-2", "--lr_disc", "1e-2", "--adv_weights", "0", "1", "0", "0",
+                                "--validation_prompts", "a"))
+            for i, flag in enumerate([[], ["--gradient_checkpointing"]])]
+    assert runs[1].transformer.is_gradient_checkpointing and not runs[0].transformer.is_gradient_checkpointing
+    a, b = (get_peft_model_state_dict(r.transformer) for r in runs)
+    assert max(a[k].abs().max() for k in a if "lora_B" in k) > 1e-3  # B starts at zero: the update moved it
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

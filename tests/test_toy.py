@@ -1,0 +1,88 @@
+"""bench/toy.py: the toy world, the judge's numbers, and --quick end to end through flash_sd.py."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import toy  # noqa: E402
+
+
+def test_drawn_images_show_their_caption():
+    rng = np.random.default_rng(0)
+    labels = np.array([[0, 0, 2], [1, 3, 1], [2, 2, 0]])  # red circle on blue, yellow square on green, ...
+    img = toy.draw(labels, rng).astype(float)
+    palette = np.array(list(toy.COLOURS.values()), dtype=float)
+    for i, (shape, fg, bg) in enumerate(labels):
+        corners = img[i, [0, 0, -1, -1], [0, -1, 0, -1]]
+        assert np.abs(corners - palette[bg]).max() < 20, "background colour at the corners"
+        assert np.abs(img[i] - palette[fg]).sum(-1).min() < 20, "shape colour somewhere"
+    assert len(toy.COMBOS) == 36 and all(f != b for _, f, b in toy.COMBOS)
+    assert toy.caption(0, 0, 2) == "a red circle on a blue background"
+
+
+def test_tokenizer_makes_each_word_one_token():
+    tok = toy.toy_tokenizer()
+    ids = tok(toy.caption(2, 3, 1)).input_ids
+    assert len(ids) == 9 and ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert len(set(tok(toy.caption(*c)).input_ids[3] for c in toy.COMBOS)) == 3  # the shape word
+
+
+def test_frechet_distance_values():
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(4000, 3, generator=g, dtype=torch.float64)
+    assert toy.frechet(f, f) == pytest.approx(0, abs=1e-6)
+    shift = torch.tensor([3.0, 0.0, 4.0], dtype=torch.float64)
+    assert toy.frechet(f, f + shift) == pytest.approx(25, rel=1e-6)  # equal covariances: ||mu1 - mu2||^2
+    # N(0, I) against N(0, 4I) in 3-d: tr(I + 4I - 2 * 2I) = 3
+    assert toy.frechet(f, 2 * torch.randn(4000, 3, generator=g, dtype=torch.float64)) == pytest.approx(3, rel=0.15)
+
+
+def test_shipped_judge_reads_data_images():
+    judge = toy.load_judge(os.path.join(toy.ASSETS, "judge.pt"))
+    rng = np.random.default_rng(7)
+    labels = toy.random_labels(300, rng)
+    align, feats = toy.judge_read(judge, toy.real_images(labels, rng), labels)
+    assert align > 0.95 and feats.shape == (300, 128)
+    wrong = np.roll(labels, 1, axis=0)
+    assert toy.judge_read(judge, toy.real_images(labels, rng), wrong)[0] < 0.2
+
+
+def test_quick_run_end_to_end(tmp_path):
+    """The README's first command: data, the shipped teacher's gate, flash_sd.py through its command
+    line, and the table from stock pipelines (teacher DPM-Solver++, student LoRA + LCM)."""
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy.py"), "--quick", "--work_dir", str(tmp_path)],
+                         capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    work = tmp_path / "quick"
+    res = json.loads((work / "results.json").read_text())
+    got = [(r["model"], r["steps"], r["nfe"]) for r in res["rows"]]
+    assert got == [("teacher", n, 2 * n) for n in (32, 8, 4, 2, 1)] + [("student", n, n) for n in (4, 2, 1)]
+    assert res["rows"][0]["mse_to_teacher32"] == 0 and res["rows"][0]["fd"] >= 0
+    assert all(0 <= r["alignment"] <= 1 and np.isfinite(r["fd"]) for r in res["rows"])
+    assert any(r["mse_to_teacher32"] > 0 for r in res["rows"][5:])  # the LoRA changed the sampler's output
+    assert res["rows"][0]["alignment"] > 0.8  # the shipped teacher follows its prompts at 32 steps
+    assert (work / "run" / "pytorch_lora_weights.safetensors").exists()
+    assert "| student | 1 | 1 |" in (work / "results.md").read_text()
+    from PIL import Image
+    assert Image.open(work / "grid.png").size[0] == 5 * 128
+    for flag in ("--distill_loss", "--resolution", "--num_teacher_steps"):
+        assert flag in res["command"]
+    assert "[distill]" in out.stdout and "[table]" in out.stdout
+
+
+def test_teacher_training_writes_a_stock_pipeline(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    args = toy.parse_args(["--quick", "--train_teacher", "--work_dir", str(tmp_path), "--stages", "teacher"])
+    toy.main(["--quick", "--train_teacher", "--work_dir", str(tmp_path), "--stages", "teacher"])
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(args.work_dir, "teacher"))
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on the toy's latents
+    img = pipe("a red circle on a blue background", num_inference_steps=2, height=16, width=16,
+               output_type="np").images
+    assert img.shape == (1, 16, 16, 3)
