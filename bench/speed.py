@@ -157,9 +157,9 @@ REAL_PARAMS_M = dict(sd=859.5, sdxl=2567.5, adapter=2567.5, pixart=611.3, sd3=20
 
 
 def tiny_vae(**kw):
-    return dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                norm_num_groups=32, sample_size=32, **kw)
+    return dict(dict(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
+                     down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                     norm_num_groups=32, sample_size=32), **kw)
 
 
 def real_vae(**kw):

@@ -2,20 +2,23 @@
 # bench/speed.py on one GPU (written for a fresh H200 machine), at most ~7 minutes of wall time in all.
 # Run from the repository root with $OUT set (the device tool sets it), after installing the wheels
 # (diffusers, webdataset, braceexpand, lpips; torchvision must import too), e.g.
-#     bash gpu_run.sh            # the lead copies this file into the working tree, or pastes it
+#     bash bench/speed_gpu.sh
 # Four runs, each guarded by `timeout` so that one failure or overrun does not lose the others; each
 # writes its markdown table and JSON under $OUT as soon as a pattern finishes (a run cut off by its
 # timeout still leaves what it had finished). Ordered so that the comparison that needs no compilation
 # comes first:
-#   1. SDXL real, 1024 px, batch 2, bf16, eager: ours vs the reference pattern              (cap 100 s)
-#   2. SDXL real, 1024 px, batch 1, bf16, gradient checkpointing: memory, ours only         (cap  50 s)
-#   3. SD1.5 real, 512 px, batch 4, bf16, ours compiled vs the reference (eager)            (cap 110 s)
-#   4. SDXL real, 1024 px, batch 2, bf16, ours compiled vs the reference (eager)            (cap 160 s)
+#   1. SDXL real, 1024 px, batch 2, bf16, eager: ours vs the reference pattern              (cap  90 s)
+#   2. SDXL real, 1024 px, batch 1, bf16, gradient checkpointing: memory, ours only         (cap  45 s)
+#   3. SD1.5 real, 512 px, batch 4, bf16, ours compiled vs the reference (eager)            (cap 100 s)
+#   4. SDXL real, 1024 px, batch 2, bf16, ours compiled vs the reference (eager)            (cap 150 s)
 # Compilation: our step compiles several graphs (student forward+backward, the teacher with the LoRA
 # off, the DMD fake score, the mid-block features forward+backward); for SDXL that may take 2-3 min on
 # 16 cores. The reference runs eager in the compiled runs (--reference_compile no: the original code was
 # eager, and compiling its fp32 copy would cost another minute or two); run 1 compares both eager.
 # If run 4 is cut off during compilation, run 1 still holds the SDXL comparison.
+# Measured on an H200 (2026-11-26): these caps were too short for three of the four runs. Run 1's
+# reference pattern did not finish within 90 s (after our step's), and runs 3 and 4 were still compiling
+# when their caps ended; only run 2 and our half of run 1 completed. Allow about 300 s for each of those.
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"

@@ -79,8 +79,9 @@ def test_quick_run_end_to_end(tmp_path):
 
 def test_teacher_training_writes_a_stock_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
-    args = toy.parse_args(["--quick", "--train_teacher", "--work_dir", str(tmp_path), "--stages", "teacher"])
-    toy.main(["--quick", "--train_teacher", "--work_dir", str(tmp_path), "--stages", "teacher"])
+    argv = ["--quick", "--train_teacher", "--work_dir", str(tmp_path), "--stages", "teacher,judge"]
+    args = toy.main(argv)
+    assert os.path.exists(os.path.join(args.work_dir, "judge.pt"))
     pipe = StableDiffusionPipeline.from_pretrained(os.path.join(args.work_dir, "teacher"))
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the toy's latents
     img = pipe("a red circle on a blue background", num_inference_steps=2, height=16, width=16,
