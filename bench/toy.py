@@ -65,7 +65,7 @@ def draw(labels, rng, ss=4):
     shape = labels[:, 0][:, None, None]
     circle = dx ** 2 + dy ** 2 <= r ** 2
     square = np.maximum(abs(dx), abs(dy)) <= 0.85 * r
-    triangle = (dy >= -r) & (dy <= 0.8 * r) & (abs(dx) <= (dy + r) / 1.8 * 1.0)
+    triangle = (dy >= -r) & (dy <= 0.8 * r) & (abs(dx) <= (dy + r) / 1.8)
     mask = np.where(shape == 0, circle, np.where(shape == 1, square, triangle))[..., None]
     palette = np.array(list(COLOURS.values()), dtype=np.float32)
     img = np.where(mask, palette[labels[:, 1]][:, None, None], palette[labels[:, 2]][:, None, None])
@@ -211,6 +211,7 @@ def stage_teacher(args):
     vae, text_encoder, unet = teacher_parts(tokenizer)
     vae, text_encoder, unet = vae.to(dev), text_encoder.to(dev), unet.to(dev)
     data = endless(args.teacher_pool, args.teacher_batch, seed=2, device=dev)
+    drop = np.random.default_rng(0)  # caption dropout, seeded like everything else here
 
     def vae_step():
         _, x = next(data)
@@ -227,7 +228,7 @@ def stage_teacher(args):
 
     def unet_step():
         labels, x = next(data)
-        caps = [caption(*lab) if np.random.rand() > 0.1 else "" for lab in labels]
+        caps = [caption(*lab) if drop.random() > 0.1 else "" for lab in labels]
         ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(dev)
         with torch.no_grad():
@@ -401,10 +402,9 @@ def stage_table(args, teacher, run, judge_path):
     rows, images = [], {}
     configs = [("teacher", n, 2 * n) for n in (32, 8, 4, 2, 1)] + [("student", n, n) for n in (4, 2, 1)]
     for who, steps, nfe in tqdm(configs, desc="table"):
-        if who == "student" and not hasattr(pipe, "_student"):
-            pipe.load_lora_weights(run)  # the way a user loads it
+        if (who, steps) == ("student", 4):  # the first student row: load the LoRA the way a user does
+            pipe.load_lora_weights(run)
             pipe.scheduler = LCMScheduler.from_config(cfg, timestep_spacing="trailing")
-            pipe._student = True
         x = generate(pipe, labels, noise, steps, args.guidance if who == "teacher" else 0.0)
         images[(who, steps)] = x
         align, feats = judge_read(judge, x * 2 - 1, labels)
@@ -475,6 +475,9 @@ def parse_args(argv=None):
     a("--lr", type=float, default=1e-4, help="flash_sd.py learning rate (LoRA and discriminator)")
     a("--eval_size", type=int, default=576, help="images per table row (the 36 captions, 16 seeds each)")
     args = p.parse_args(argv)
+    unknown = set(args.stages.split(",")) - {"data", "teacher", "judge", "gate", "distill", "table"}
+    if unknown:
+        p.error(f"--stages: unknown {sorted(unknown)}; choose from data,teacher,judge,gate,distill,table")
     if args.quick:
         args.data_size, args.num_shards, args.teacher_pool, args.teacher_batch = 256, 2, 512, 32
         args.vae_steps, args.unet_steps, args.judge_steps = 20, 20, 20
@@ -526,7 +529,7 @@ def main(argv=None):
         print(f"teacher, 32 steps, CFG {args.guidance}: alignment {100 * align:.1f} %")
         if align < args.min_teacher_alignment and not args.quick:
             raise SystemExit(f"toy.py: the teacher follows only {100 * align:.1f} % of its prompts (needs "
-                             f"{100 * args.min_teacher_alignment:.0f} %): train it longer (--unet_steps)")
+                             f"{100 * args.min_teacher_alignment:.0f} %): retrain it longer (--train_teacher --unet_steps N)")
     cached(final, "distill", stage_distill, args, teacher)
     if "table" in stages:
         rows, images, extra, labels = timed("table", stage_table, args, teacher, run, judge)

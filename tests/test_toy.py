@@ -77,6 +77,11 @@ def test_quick_run_end_to_end(tmp_path):
     assert "[distill]" in out.stdout and "[table]" in out.stdout
 
 
+def test_unknown_stage_is_refused():
+    with pytest.raises(SystemExit):
+        toy.parse_args(["--stages", "data,distil"])
+
+
 def test_teacher_training_writes_a_stock_pipeline(tmp_path):
     from diffusers import StableDiffusionPipeline
     argv = ["--quick", "--train_teacher", "--work_dir", str(tmp_path), "--stages", "teacher,judge"]
