@@ -531,6 +531,28 @@ def start_run(args):
     return rank, world_size, device, log
 
 
+def compile_blocks(model, block_types):
+    """--compile: regional compilation. Every module of the given classes (the repeated transformer and
+    ResNet blocks) is compiled in place (nn.Module.compile): saved keys never carry a compile prefix, the
+    model's own forward (its branches on timesteps and conditioning) stays eager, and blocks of the same
+    class and shape share one graph, so compiling takes seconds per graph rather than minutes per model.
+    Graphs are keyed by shape, grad mode and LoRA on/off (student, teacher, features), never by the start
+    index, phase or guidance. Returns how many modules were compiled."""
+    n = 0
+    for module in model.modules():
+        if type(module).__name__ in block_types:
+            module.compile(dynamic=False)
+            n += 1
+    if n == 0:
+        raise UsageError(f"--compile: no {' or '.join(block_types)} in {type(model).__name__} to compile; "
+                         "name this model's repeated block classes in its script's COMPILE_BLOCKS")
+    # all compiled modules share one frame (Module._call_impl), so the graph cache must hold every
+    # (class, shape, mode) variant; past the limit dynamo would silently fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    return n
+
+
 def make_trainable(net, denoiser, disc, args, device, world_size, resume_dir, log):
     """DDP wraps only what trains: the student call through `net` (the denoiser, maybe compiled; its LoRA
     gradients) and the discriminator head. AdamW for each; the state restored from `resume_dir` if given,

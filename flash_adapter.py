@@ -55,6 +55,10 @@ DEFAULT_PROMPTS = [
 ]
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of every transformer block
 GAN_TIMESTEPS = [10, 250, 500, 750]  # noise levels the discriminator sees, one drawn per sample
+# what --compile compiles, each in place. SDXL at 1024 px, batch 2 on an H200: the transformer blocks alone
+# (11 graphs, 40 s to compile) run a step in 2.11 s against 2.78 s eager; the ResNet blocks too (52 graphs,
+# 112 s) in 2.04 s, which repays their compile time within the first 1,000 steps
+COMPILE_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 
 
 def parse_args(argv=None):
@@ -93,7 +97,7 @@ def parse_args(argv=None):
     a("--lora_rank", type=int, default=64, help="LoRA rank r")
     a("--lora_alpha", type=float, default=64, help="LoRA alpha (scale = alpha / r)")
     a("--mixed_precision", default="bf16", choices=["bf16", "no"], help="bf16 autocast (frozen weights in bf16 on GPU)")
-    a("--compile", action="store_true", help="torch.compile the UNet (static shapes)")
+    a("--compile", action="store_true", help="torch.compile the transformer blocks in place (the first steps compile)")
     a("--gradient_checkpointing", action="store_true", help="trade compute for memory (advised under 40 GB)")
     a("--seed", type=int, default=0, help="global seed; rank r uses seed + r")
     # outputs
@@ -183,8 +187,9 @@ def load_models(args, device, weight_dtype):
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable LoRA weights stay fp32 under bf16 autocast
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing:  # the denoiser, and the VAE decoder that the LPIPS loss backpropagates through
         unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
     sched_config = DPMSolverMultistepScheduler.load_config(args.model, subfolder="scheduler")
     teacher_sched = DPMSolverMultistepScheduler.from_config(
         sched_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
@@ -280,7 +285,7 @@ def teacher_solve(m, x_t, k, cond, uncond, w):
     with teacher_mode(m.unet):
         x = x_t
         for tau in m.teacher_sched.timesteps[k:]:
-            e = cfg_eps(m.net, x, tau.expand(len(x)), cond, uncond, w)
+            e = cfg_eps(m.unet, x, tau.expand(len(x)), cond, uncond, w)
             x = m.teacher_sched.step(e, tau, x).prev_sample
     return x.float()
 
@@ -355,18 +360,19 @@ def train_step(m, batch, step, args, stop_requested=False):
             w2 = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
             with torch.no_grad():
                 with teacher_mode(m.unet):
-                    e_real = cfg_eps(m.net, y, t2, cond, uncond, w2)
-                e_fake = denoise(m.net, y, t2, cond)
+                    e_real = cfg_eps(m.unet, y, t2, cond, uncond, w2)
+                e_fake = denoise(m.unet, y, t2, cond)
             losses["dmd"] = common.dmd_loss(x_hat, y, e_real, e_fake, abar[t2])
         # 5c. GAN: frozen-teacher mid-block features of re-noised fake and real latents, same noise
         s = torch.tensor(GAN_TIMESTEPS, device=dev)[torch.randint(0, len(GAN_TIMESTEPS), (B,), device=dev)]
         n = torch.randn_like(x_hat)
         real = x_T if args.teacher_as_real else z0
         fake_in = common.renoise(x_hat if l_adv > 0 else x_hat.detach(), n, s, abar)
+        # the real half needs no gradient: run apart, it saves no activations for the backward
+        with torch.no_grad(), teacher_mode(m.unet):
+            f_real = mid_features(m.unet, common.renoise(real, n, s, abar), s, cond).float()
         with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.unet, no_checkpointing=True):
-            feats = m.features(m.unet, torch.cat([fake_in, common.renoise(real, n, s, abar)]),
-                               torch.cat([s, s]), cat_cond(cond, cond))
-        f_fake, f_real = feats.float().chunk(2)
+            f_fake = mid_features(m.unet, fake_in, s, cond).float()
         if l_adv > 0:
             m.disc.requires_grad_(False)  # D is not trained by the generator's loss
             losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
@@ -469,12 +475,10 @@ def main(argv=None):
         probe["adapter"] = adapter_residuals(m.adapter, edges.to(weight_dtype), args.adapter_conditioning_scale)
         f = mid_features(m.unet, z, torch.zeros(1, device=device, dtype=torch.long), probe)
     m.disc = make_discriminator(f.shape[1], f.shape[-1]).to(device)
-    # torch.compile wraps (not replaces) the UNet: training calls go through m.net, validation and export
-    # use the plain module, so saved keys never carry a compile prefix
-    m.net = torch.compile(m.unet, dynamic=False) if args.compile else m.unet
-    m.features = torch.compile(mid_features, dynamic=False) if args.compile else mid_features
+    if args.compile:  # in place, before DDP wraps the student
+        common.compile_blocks(m.unet, COMPILE_BLOCKS)
     m.student, m.disc_ddp, m.opt_g, m.opt_d, step, counters = common.make_trainable(
-        m.net, m.unet, m.disc, args, device, world_size, resume_dir, log)
+        m.unet, m.unet, m.disc, args, device, world_size, resume_dir, log)
     total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
     extra = partial(edge_input, resolution=args.resolution, edge_key=args.edge_key,
                     channels=m.adapter.config.in_channels)

@@ -62,6 +62,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "linear", "linear_1", "linear_2"]
 T5_TOKENS = 256  # the stock pipeline's max_sequence_length; also the number of zero tokens without T5
 GAN_INDICES = [-10, -250, -500, -750]  # training-grid sigmas the discriminator sees: 0.029, 0.5, 0.75, 0.9 (shift 3)
+COMPILE_BLOCKS = ("JointTransformerBlock",)  # what --compile compiles, each in place
 # Where the student samples, and so where it should train most. The mixture's modes sit at indices 0, K/4, K/2,
 # 3K/4 of the teacher's grid: sigmas 1.0, 0.8965, 0.7389, 0.4700 for K = 32, shift 3. The stock FlowMatchLCM
 # 4-step sigmas are 1.0, 0.8577, 0.6022, 0.0089: two fall between modes, where the mixture (var 0.5) puts ~1e-4 of
@@ -106,7 +107,7 @@ def parse_args(argv=None):
     a("--lora_rank", type=int, default=64, help="LoRA rank r")
     a("--lora_alpha", type=float, default=8, help="LoRA alpha (scale = alpha / r)")
     a("--mixed_precision", default="bf16", choices=["bf16", "no"], help="bf16 autocast (frozen weights in bf16 on GPU)")
-    a("--compile", action="store_true", help="torch.compile the transformer (static shapes)")
+    a("--compile", action="store_true", help="torch.compile the transformer blocks in place (the first steps compile)")
     a("--gradient_checkpointing", action="store_true", help="trade compute for memory in the student pass")
     a("--seed", type=int, default=0, help="global seed; rank r uses seed + r")
     # outputs
@@ -174,8 +175,9 @@ def load_models(args, device, weight_dtype):
     for p in net.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable LoRA weights stay fp32 under bf16 autocast
-    if args.gradient_checkpointing:
+    if args.gradient_checkpointing:  # the denoiser, and the VAE decoder that the LPIPS loss backpropagates through
         net.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
     sched_config = FlowMatchEulerDiscreteScheduler.load_config(args.model, subfolder="scheduler")
     teacher_sched = FlowMatchEulerDiscreteScheduler.from_config(sched_config)
     return tokenizers, encoders, vae, net, teacher_sched, sched_config
@@ -261,7 +263,7 @@ def teacher_solve(m, x_t, k, cond, uncond, w):
     with teacher_mode(m.transformer):
         x = x_t
         for i in range(k, len(m.sigmas) - 1):
-            v = cfg_v(m.net, x, m.sigmas[i].expand(len(x)), cond, uncond, w)
+            v = cfg_v(m.transformer, x, m.sigmas[i].expand(len(x)), cond, uncond, w)
             x = x + (m.sigmas[i + 1] - m.sigmas[i]) * v
     return x.float()
 
@@ -333,8 +335,8 @@ def train_step(m, batch, step, args, stop_requested=False):
             w2 = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
             with torch.no_grad():
                 with teacher_mode(m.transformer):
-                    v_real = cfg_v(m.net, y, s2, cond, uncond, w2)
-                v_fake = denoise(m.net, y, s2, cond)
+                    v_real = cfg_v(m.transformer, y, s2, cond, uncond, w2)
+                v_fake = denoise(m.transformer, y, s2, cond)
             losses["dmd"] = common.dmd_loss_flow(x_hat, y, v_real, v_fake, s2)
         # 5c. GAN: the frozen teacher's velocity prediction of re-noised fake and real latents, same noise
         gan = torch.tensor(GAN_INDICES, device=dev)[torch.randint(0, len(GAN_INDICES), (B,), device=dev)]
@@ -342,10 +344,11 @@ def train_step(m, batch, step, args, stop_requested=False):
         n = torch.randn_like(x_hat)
         real = x_T if args.teacher_as_real else z0
         fake_in = common.renoise_flow(x_hat if l_adv > 0 else x_hat.detach(), n, s)
+        # the real half needs no gradient: run apart, it saves no activations for the backward
+        with torch.no_grad(), teacher_mode(m.transformer):
+            f_real = denoise(m.transformer, common.renoise_flow(real, n, s), s, cond).float()
         with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.transformer, no_checkpointing=True):
-            feats = denoise(m.net, torch.cat([fake_in, common.renoise_flow(real, n, s)]), torch.cat([s, s]),
-                            cat_cond(cond, cond))
-        f_fake, f_real = feats.float().chunk(2)
+            f_fake = denoise(m.transformer, fake_in, s, cond).float()
         if l_adv > 0:
             m.disc.requires_grad_(False)  # D is not trained by the generator's loss
             losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
@@ -449,11 +452,10 @@ def main(argv=None):
     # discriminator head on the teacher's velocity prediction: the latent's shape at this resolution
     latent = args.resolution // 2 ** (len(m.vae.config.block_out_channels) - 1)
     m.disc = make_discriminator(m.transformer.config.out_channels, latent).to(device)
-    # torch.compile wraps (not replaces) the transformer: training calls go through m.net, validation and
-    # export use the plain module, so saved keys never carry a compile prefix
-    m.net = torch.compile(m.transformer, dynamic=False) if args.compile else m.transformer
+    if args.compile:  # in place, before DDP wraps the student
+        common.compile_blocks(m.transformer, COMPILE_BLOCKS)
     m.student, m.disc_ddp, m.opt_g, m.opt_d, step, counters = common.make_trainable(
-        m.net, m.transformer, m.disc, args, device, world_size, resume_dir, log)
+        m.transformer, m.transformer, m.disc, args, device, world_size, resume_dir, log)
     total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
     loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers,
                                 args.min_aesthetic, seed=args.seed + 100_003 * step)  # a resumed run reads new samples

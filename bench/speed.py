@@ -378,12 +378,12 @@ def encode_pixart(mod, m, batch, args):
     return cond, mod.expand_cond(m.uncond, len(batch["text"]))
 
 
-def unet_features(mod, m, net, module, x, t, cond):
-    return m.features(module, x, t, cond)  # the script's mid_features (compiled with --compile) on the module
+def unet_features(mod, m, net, x, t, cond):
+    return mod.mid_features(net, x, t, cond)  # the script's own (its blocks compiled with --compile)
 
 
-def eps_features(mod, m, net, module, x, t, cond):
-    return mod.denoise(net, x, t, cond)  # the denoiser's own output (compiled with --compile)
+def eps_features(mod, m, net, x, t, cond):
+    return mod.denoise(net, x, t, cond)  # the denoiser's own output (its blocks compiled with --compile)
 
 
 @dataclass
@@ -394,7 +394,7 @@ class Backbone:
     extra_batch: Optional[Callable] = None  # extra keys the script's loader yields
     # reference pattern (epsilon-prediction backbones): conditioning and discriminator features
     encode: Optional[Callable] = None  # (mod, m, batch, args) -> (cond, uncond), batch-first
-    features: Optional[Callable] = None  # (mod, m, net, module, x, t, cond) -> features
+    features: Optional[Callable] = None  # (mod, m, net, x, t, cond) -> features
     notes: list = field(default_factory=list)
 
 
@@ -472,11 +472,10 @@ def build_step(name, opts, device, log):
     if not hasattr(m, "decode"):
         m.decode = lambda z: m.vae.decode(z / m.vae.config.scaling_factor).sample
     denoiser = getattr(m, spec.denoiser)
-    m.net = torch.compile(denoiser, dynamic=False) if args.compile else denoiser
-    if hasattr(mod, "mid_features"):
-        m.features = torch.compile(mod.mid_features, dynamic=False) if args.compile else mod.mid_features
+    if args.compile:
+        common.compile_blocks(denoiser, mod.COMPILE_BLOCKS)
     m.student, m.disc_ddp, m.opt_g, m.opt_d, _, _ = common.make_trainable(
-        m.net, denoiser, m.disc, args, device, 1, None, log)
+        denoiser, denoiser, m.disc, args, device, 1, None, log)
 
     # one fixed start index for every phase (see the docstring), and the phase whose loss weights apply
     K = args.num_teacher_steps
@@ -495,8 +494,7 @@ def build_step(name, opts, device, log):
         batch.update(spec.extra_batch(m, args, B, g))
     if device.type == "cuda":
         batch = {k_: v.pin_memory() if torch.is_tensor(v) else v for k_, v in batch.items()}
-    eager = dict(net=denoiser, student=denoiser, **({"features": mod.mid_features} if hasattr(m, "features") else {}))
-    return dict(spec=spec, mod=mod, m=m, args=args, batch=batch, step=step, k=k, K=K, params=n_params, eager=eager)
+    return dict(spec=spec, mod=mod, m=m, args=args, batch=batch, step=step, k=k, K=K, params=n_params)
 
 
 def make_lpips():
@@ -513,7 +511,7 @@ def make_lpips():
 
 def make_reference_teacher(b):
     """A separate fp32 deep copy of the denoiser without its LoRA (the original kept such a copy as the
-    teacher and feature backbone), compiled when the student is."""
+    teacher and feature backbone); its blocks are compiled when the student's are."""
     den = getattr(b["m"], b["spec"].denoiser)
     teacher = copy.deepcopy(den)
     if isinstance(teacher, peft.PeftModel):
@@ -531,10 +529,11 @@ class NoTimeline:
         pass
 
 
-def reference_step(b, teacher, module, tl=None):
+def reference_step(b, teacher, tl=None):
     """One batch the original way. Generator pass: student forward, teacher solve with cond and uncond as
     two passes of the fp32 teacher copy, the same three losses (the DMD real score also as two passes, the
-    features from the teacher copy), G update. `teacher`: the copy, maybe compiled; `module`: uncompiled. Discriminator pass: the whole forward again (encode,
+    features from the teacher copy), G update. `teacher`: the copy (its blocks compiled when the student's
+    are). Discriminator pass: the whole forward again (encode,
     student, teacher solve, features; the original ran its forward once per optimizer), then the D update.
     The G-only losses (LPIPS, DMD) are not recomputed in the D pass, which favours the reference."""
     spec, mod, m, args, batch, step = b["spec"], b["mod"], b["m"], b["args"], b["batch"], b["step"]
@@ -601,13 +600,13 @@ def reference_step(b, teacher, module, tl=None):
             w2 = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
             with torch.no_grad():
                 e_real = cfg_two_passes(y, t2, cond, uncond, w2)
-                e_fake = mod.denoise(m.net, y, t2, cond)
+                e_fake = mod.denoise(m.student, y, t2, cond)
             losses["dmd"] = common.dmd_loss(x_hat, y, e_real, e_fake, abar[t2])
         tl.mark(DMD_FWD)
         if l_adv > 0:
             x_in, s2 = gan_inputs(x_hat, z0, x_T)
             watch(x_in, BWD_GAN)
-            f_fake = spec.features(mod, m, teacher, module, x_in, s2, cat_cond(mod, cond, cond)).float().chunk(2)[0]
+            f_fake = spec.features(mod, m, teacher, x_in, s2, cat_cond(mod, cond, cond)).float().chunk(2)[0]
             m.disc.requires_grad_(False)
             losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
         tl.mark(GAN_FWD)
@@ -626,7 +625,7 @@ def reference_step(b, teacher, module, tl=None):
         z0, cond, uncond, x_hat, x_T = forward(D_PASS, grad=False)
         x_in, s2 = gan_inputs(x_hat, z0, x_T)
         with autocast:
-            f_fake, f_real = spec.features(mod, m, teacher, module, x_in, s2,
+            f_fake, f_real = spec.features(mod, m, teacher, x_in, s2,
                                            cat_cond(mod, cond, cond)).float().chunk(2)
     tl.mark(D_PASS + GAN_FWD)
     with autocast:
@@ -683,17 +682,23 @@ def synchronize(device):
 
 
 class Timeline:
+    """Seconds per part and, on CUDA, the peak memory allocated during each part (where the step's peak is)."""
+
     def __init__(self, device):
-        self.device, self.parts = device, {}
+        self.device, self.parts, self.peaks = device, {}, {}
 
     def start(self):
         synchronize(self.device)
+        reset_peak_memory(self.device)
         self.last = time.perf_counter()
 
     def mark(self, label):
         synchronize(self.device)
         now = time.perf_counter()
         self.parts[label] = self.parts.get(label, 0.0) + now - self.last
+        if self.device.type == "cuda":
+            self.peaks[label] = max(self.peaks.get(label, 0.0), peak_memory_gib(self.device))
+            reset_peak_memory(self.device)
         self.last = now
 
 
@@ -785,8 +790,8 @@ def instrumented(b, tl):
             stack.enter_context(patched(mod, "teacher_solve", around(mod.teacher_solve)))
         if hasattr(mod, "denoise"):
             stack.enter_context(patched(mod, "denoise", grad_input(mod.denoise)))
-        if hasattr(m, "features"):
-            stack.enter_context(patched(m, "features", grad_input(m.features)))
+        if hasattr(mod, "mid_features"):
+            stack.enter_context(patched(mod, "mid_features", grad_input(mod.mid_features)))
         handle = m.disc.register_forward_pre_hook(disc_pre_hook)
         stack.callback(handle.remove)
         yield
@@ -815,25 +820,21 @@ def peak_memory_gib(device):
 
 
 @contextlib.contextmanager
-def eager_models(b):
-    """Uncompiled modules in m (FLOP counting dispatches every op in Python)."""
-    m = b["m"]
-    saved = {k: getattr(m, k) for k in b["eager"]}
-    try:
-        for k, v in b["eager"].items():
-            setattr(m, k, v)
+def eager():
+    """Compiled regions run eagerly inside (FLOP counting dispatches every op in Python; the reference
+    pattern with --reference_compile no)."""
+    with torch.compiler.set_stance("force_eager"):
         yield
-    finally:
-        for k, v in saved.items():
-            setattr(m, k, v)
 
 
 def measure(b, label, step_fn, breakdown_fn, flops_fn, opts, device):
     """Warm-up (and compilation), timed steps, peak memory, breakdown steps and one FLOP-counting step."""
     desc = f"{b['name']} {label}"
+    t0 = time.perf_counter()
     for _ in tqdm(range(opts.warmup), desc=f"{desc} warm-up", leave=False, dynamic_ncols=True):
         step_fn()
     synchronize(device)
+    warmup_s = time.perf_counter() - t0  # with --compile: mostly compilation
     peak_reset = reset_peak_memory(device)
     times, cpu_times, updated, losses = [], [], 0, {}
     for _ in tqdm(range(opts.steps), desc=f"{desc} timed", leave=False, dynamic_ncols=True):
@@ -848,7 +849,7 @@ def measure(b, label, step_fn, breakdown_fn, flops_fn, opts, device):
     sec = sum(times) / len(times)
     B = b["args"].batch_size
     # process CPU time beside the wall time: on a shared CPU machine the wall time also counts the waits
-    out = dict(sec_per_update=sec, samples_per_sec=B / sec, step_times=times, updated=updated,
+    out = dict(sec_per_update=sec, samples_per_sec=B / sec, step_times=times, updated=updated, warmup_s=warmup_s,
                cpu_sec_per_update=sum(cpu_times) / len(cpu_times),
                peak_mem_gib=peak, peak_mem_reset=peak_reset,
                losses={k: float(v) for k, v in losses.items() if v.numel() == 1})
@@ -859,9 +860,11 @@ def measure(b, label, step_fn, breakdown_fn, flops_fn, opts, device):
         n = opts.breakdown_steps
         parts = {k: v / n for k, v in sorted(tl.parts.items(), key=lambda kv: part_rank(kv[0]))}
         out.update(breakdown=parts, breakdown_total_s=sum(parts.values()))
+        if tl.peaks:
+            out["breakdown_peak_mem_gib"] = {k: tl.peaks[k] for k in parts if k in tl.peaks}
     if opts.flops:
         from torch.utils.flop_counter import FlopCounterMode
-        with eager_models(b), FlopCounterMode(display=False) as counter:
+        with eager(), FlopCounterMode(display=False) as counter:
             flops_fn()
         out["flops_per_update"] = counter.get_total_flops()
         out["tflops_per_s"] = out["flops_per_update"] / sec / 1e12
@@ -902,6 +905,17 @@ def run_backbone(name, opts, device, log, save, res):
 
     res["ours"] = measure(b, "ours", ours, ours_instrumented, ours, opts, device)
     save(res)
+    if args.compile and opts.eager_too:  # what compiling buys: the same step on the same models, eager
+        with eager():
+            res["ours_eager"] = measure(b, "ours eager", ours, ours_instrumented, ours,
+                                        argparse.Namespace(**dict(vars(opts), flops=False)), device)
+            res["ours_eager"]["flops_per_update"] = res["ours"].get("flops_per_update")  # the same step's
+            if res["ours"].get("flops_per_update") and opts.peak_tflops:
+                x = res["ours_eager"]
+                x["tflops_per_s"] = x["flops_per_update"] / x["sec_per_update"] / 1e12
+                x["mfu"] = x["tflops_per_s"] / opts.peak_tflops
+        res["compile_speedup"] = res["ours_eager"]["sec_per_update"] / res["ours"]["sec_per_update"]
+        save(res)
     if opts.reference and b["spec"].encode is None:
         res["reference"] = dict(skipped=f"no reference pattern for {name} (flow matching)")
     elif opts.reference:
@@ -909,19 +923,19 @@ def run_backbone(name, opts, device, log, save, res):
         eager_ref = args.compile and not opts.reference_compile
         try:
             teacher = make_reference_teacher(b)
-            compiled = torch.compile(teacher, dynamic=False) if args.compile and not eager_ref else teacher
+            if args.compile and not eager_ref:
+                common.compile_blocks(teacher, mod.COMPILE_BLOCKS)
             res["reference_compiled"] = args.compile and not eager_ref
 
             def ref():
-                return reference_step(b, compiled, teacher)
+                return reference_step(b, teacher)
 
             def ref_instrumented(tl):
                 tl.start()
-                reference_step(b, compiled, teacher, tl)
+                reference_step(b, teacher, tl)
 
-            with eager_models(b) if eager_ref else contextlib.nullcontext():
-                res["reference"] = measure(b, "reference", ref, ref_instrumented,
-                                           lambda: reference_step(b, teacher, teacher), opts, device)
+            with eager() if eager_ref else contextlib.nullcontext():
+                res["reference"] = measure(b, "reference", ref, ref_instrumented, ref, opts, device)
             ours_, ref_ = res["ours"], res["reference"]
             res["speedup"] = ref_["sec_per_update"] / ours_["sec_per_update"]
             res["memory_ratio"] = ref_["peak_mem_gib"] / ours_["peak_mem_gib"]
@@ -929,7 +943,7 @@ def run_backbone(name, opts, device, log, save, res):
             res["reference"] = dict(error=short_error(e))
             log.info(f"{name} reference: failed: {res['reference']['error']}")
             traceback.print_exc()
-        teacher = compiled = None
+        teacher = None
     save(res)
     del b, m
     return res
@@ -994,11 +1008,11 @@ def markdown(report):
         if "error" in r and "ours" not in r:
             lines.append(f"| {r['backbone']} | {r['size']} | | | | | error: {r['error']} | | | | | | | |")
             continue
-        for variant in ("ours", "reference"):
+        for variant in ("ours", "ours_eager", "reference"):
             x = r.get(variant)
             if not x:
                 continue
-            compiled = r["compile"] and (variant == "ours" or r.get("reference_compiled", True))
+            compiled = r["compile"] and (variant == "ours" or variant == "reference" and r.get("reference_compiled", True))
             prec = r["mixed_precision"] + (" +compile" if compiled else "") + (
                 " +ckpt" if r["gradient_checkpointing"] else "")
             head = (f"| {r['backbone']} | {r['size']} | {r['resolution']} | {r['batch_size']} | "
@@ -1009,27 +1023,31 @@ def markdown(report):
             flops = x.get("flops_per_update")
             extra = (f" {fmt(r.get('speedup'), '.2f')}x | {fmt(r.get('memory_ratio'), '.2f')}x |"
                      if variant == "ours" and "speedup" in r else " | |")
+            if variant == "ours_eager":
+                extra = f" compile: {r['compile_speedup']:.2f}x | |"
             sec = f"{x['sec_per_update']:.4g}" + (f" (CPU {x['cpu_sec_per_update']:.3g})" if cpu else "")
-            lines.append(f"{head} {variant} | {sec} | {x['samples_per_sec']:.3g} | "
+            lines.append(f"{head} {variant.replace('_', ' ')} | {sec} | {x['samples_per_sec']:.3g} | "
                          f"{x['peak_mem_gib']:.2f} | {fmt(flops and flops / 1e12)} | "
                          f"{fmt(x.get('mfu') and 100 * x['mfu'], '.1f')}{'%' if x.get('mfu') else ''} |{extra}")
     for r in report["results"]:
-        ours, ref = r.get("ours") or {}, r.get("reference") or {}
-        if "breakdown" not in ours:
+        cols = [(v, r[v]) for v in ("ours", "ours_eager", "reference") if "breakdown" in (r.get(v) or {})]
+        if not cols or cols[0][0] != "ours":
             continue
-        labels = sorted(set(ours["breakdown"]) | set(ref.get("breakdown", {})), key=part_rank)
+        labels = sorted(set().union(*(x["breakdown"] for _, x in cols)), key=part_rank)
+        mem = ", peak memory allocated during the part" if "breakdown_peak_mem_gib" in cols[0][1] else ""
         lines += ["", f"One step by part, {r['backbone']} ({r['size']}, {r['resolution']} px, batch {r['batch_size']}), "
-                  f"seconds (share of the instrumented step):", "",
-                  "| part | ours | reference |", "|---|---|---|"]
+                  f"seconds (share of the instrumented step){mem}:", "",
+                  "| part | " + " | ".join(v.replace("_", " ") for v, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
         for lab in labels:
             cells = []
-            for x in (ours, ref):
-                s = x.get("breakdown", {}).get(lab)
-                cells.append("" if s is None else f"{s:.4g} ({100 * s / x['breakdown_total_s']:.0f}%)")
-            lines.append(f"| {lab} | {cells[0]} | {cells[1]} |")
-        cells = [f"{x['breakdown_total_s']:.4g} (timed step {x['sec_per_update']:.4g})" if "breakdown" in x else ""
-                 for x in (ours, ref)]
-        lines.append(f"| **total** | {cells[0]} | {cells[1]} |")
+            for _, x in cols:
+                sec = x["breakdown"].get(lab)
+                peak = x.get("breakdown_peak_mem_gib", {}).get(lab)
+                cells.append("" if sec is None else f"{sec:.4g} ({100 * sec / x['breakdown_total_s']:.0f}%)" +
+                             ("" if peak is None else f", peak {peak:.1f} GiB"))
+            lines.append(f"| {lab} | " + " | ".join(cells) + " |")
+        lines.append("| **total** | " + " | ".join(f"{x['breakdown_total_s']:.4g} (timed step {x['sec_per_update']:.4g})"
+                                                  for _, x in cols) + " |")
     lines += ["", "Notes:"] + [f"- {n}" for n in meta["notes"]]
     for r in report["results"]:
         lines += [f"- {r['backbone']}: {n}" for n in r.get("notes", [])]
@@ -1054,16 +1072,18 @@ def parse_args(argv=None):
     a("--breakdown_steps", type=int, default=1, help="instrumented steps for the by-part breakdown (0: none)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--mixed_precision", default=None, choices=["bf16", "no"], help="default: bf16 on CUDA, no on CPU")
-    a("--compile", action="store_true", help="torch.compile the denoiser (both patterns)")
+    a("--compile", action="store_true", help="the script's --compile: its repeated blocks compiled (both patterns)")
     a("--gradient_checkpointing", action="store_true", help="the scripts' flag")
     a("--distill_loss", default="lpips", choices=["lpips", "l2"], help="lpips: VGG with a random trunk")
     a("--no_reference", dest="reference", action="store_false", help="skip the reference pattern")
+    a("--eager_too", action="store_true", help="with --compile: time our step eager too, on the same models")
     a("--reference_compile", default="yes", choices=["yes", "no"],
       help="with --compile: compile the reference too (yes), or run it eager as the original code (no)")
     a("--no_flops", dest="flops", action="store_false", help="skip the FLOP-counting step")
     a("--peak_tflops", type=float, default=None, help="device peak for MFU; default: detected (H100/H200 989)")
     a("--seed", type=int, default=0)
     a("--out", default=None, help="markdown file (JSON beside it); default bench/results/speed_<device>.md")
+    a("--table", default=None, metavar="JSON", help="print the markdown of a saved JSON report and exit")
     opts = p.parse_args(argv)
     opts.reference_compile = opts.reference_compile == "yes"
     if opts.steps < 1 or opts.warmup < 0 or opts.breakdown_steps < 0:
@@ -1075,6 +1095,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     opts = parse_args(argv)
+    if opts.table:
+        with open(opts.table) as f:
+            print(markdown(json.load(f)), end="")
+        return None
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")

@@ -96,7 +96,7 @@ def test_residuals_reach_the_teacher_solve_exactly_as_the_stock_adapter_pipeline
     from diffusers import StableDiffusionXLAdapterPipeline
     tokenizers, encoders, vae, unet, adapter, sched, _ = loaded
     m = flash_adapter.Models()
-    m.unet = m.net = unet
+    m.unet = unet
     m.teacher_sched = sched
     prompts = ["a red square", "a blue circle"]
     torch.manual_seed(0)

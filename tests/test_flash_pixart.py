@@ -79,7 +79,7 @@ def test_teacher_solve_matches_the_stock_pipeline(loaded):
     from diffusers import PixArtAlphaPipeline
     tokenizer, encoder, vae, net, sched, _ = loaded
     m = flash_pixart.Models()
-    m.transformer = m.net = net
+    m.transformer = net
     m.teacher_sched = sched
     prompts = ["a red square", "a blue circle"]
     cond = flash_pixart.encode_text(tokenizer, encoder, prompts, 32, torch.device("cpu"), sizes=False)

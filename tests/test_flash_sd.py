@@ -182,7 +182,7 @@ def test_teacher_solve_matches_the_stock_pipeline(loaded):
     from diffusers import StableDiffusionPipeline
     args, (tok, te, vae, unet, sched, _) = loaded
     m = flash_sd.Models()
-    m.unet = m.net = unet
+    m.unet = unet
     m.teacher_sched = sched
     cond = flash_sd.encode_text(tok, te, ["a red square", "a blue circle"], torch.device("cpu"))
     uncond = flash_sd.encode_text(tok, te, [""], torch.device("cpu")).expand(2, -1, -1)
@@ -470,26 +470,36 @@ def test_sigterm_to_the_process_group_checkpoints_and_stops(sd_model, shards, tm
 
 
 @pytest.mark.skipif(os.environ.get("FLASH_SKIP_COMPILE") == "1", reason="FLASH_SKIP_COMPILE=1")
-def test_compile_runs_a_step(sd_model, shards, tmp_path):
-    """torch.compile of the UNet (and the feature function) on CPU: slow here (~minutes), so one step."""
-    out = tmp_path / "run"
-    m = flash_sd.main(argv(sd_model, shards, out, "--compile", "--phase_steps", "0", "1", "0", "0",
-                           "--distill_loss", "l2"))
-    r = metrics(out)[-1]
-    assert m.step == 1 and all(np.isfinite(r[k]) and r[k] > 0 for k in ("distill", "dmd", "adv", "disc"))
+def test_compile_compiles_the_blocks_in_place_and_matches_eager(sd_model, shards, tmp_path):
+    """--compile compiles every transformer block in place (no wrapper, so the saved keys are the eager
+    run's) and the step computes the same losses. Slow on CPU (the first step compiles), so one step."""
     from peft.utils import get_peft_model_state_dict
-    assert not any("_orig_mod" in k for k in get_peft_model_state_dict(m.unet))
+    runs = [flash_sd.main(argv(sd_model, shards, tmp_path / f"run{i}", *flag, "--phase_steps", "0", "1", "0", "0",
+                               "--distill_loss", "l2", "--validation_prompts", "a"))
+            for i, flag in enumerate([[], ["--compile"]])]
+    blocks = [[b for b in r.unet.modules() if type(b).__name__ in flash_sd.COMPILE_BLOCKS] for r in runs]
+    assert sorted({type(b).__name__ for b in blocks[1]}) == sorted(flash_sd.COMPILE_BLOCKS)
+    assert len(blocks[1]) == len(blocks[0]) == 12  # the tiny UNet's 4 transformer and 8 ResNet blocks
+    assert all(b._compiled_call_impl is not None for b in blocks[1])
+    assert all(b._compiled_call_impl is None for b in blocks[0])
+    eager, compiled = (metrics(tmp_path / f"run{i}")[-1] for i in range(2))
+    for k in ("distill", "dmd", "adv", "disc"):
+        assert eager[k] > 0 and compiled[k] == pytest.approx(eager[k], rel=1e-3), k
+    a, b = (get_peft_model_state_dict(r.unet) for r in runs)
+    assert sorted(a) == sorted(b) and not any("_orig_mod" in k for k in b)
 
 
 def test_gradient_checkpointing_gives_the_same_update(sd_model, shards, tmp_path):
-    """Same seed, same data: one update with --gradient_checkpointing equals one without (the GAN feature
-    pass in teacher mode must not be recomputed with the LoRA switched back on)."""
+    """Same seed, same data: one update with --gradient_checkpointing (the UNet's and the VAE decoder's, which
+    the LPIPS loss backpropagates through) equals one without (the GAN feature pass in teacher mode must not
+    be recomputed with the LoRA switched back on)."""
     from peft.utils import get_peft_model_state_dict
     runs = [flash_sd.main(argv(sd_model, shards, tmp_path / f"run{i}", *flag, "--phase_steps", "0", "1", "0", "0",
-                               "--distill_loss", "l2", "--lr", "1e-2", "--lr_disc", "1e-2", "--adv_weights", "0", "1",
+                               "--distill_loss", "lpips", "--lr", "1e-2", "--lr_disc", "1e-2", "--adv_weights", "0", "1",
                                "0", "0", "--validation_prompts", "a"))
             for i, flag in enumerate([[], ["--gradient_checkpointing"]])]
     assert runs[1].unet.is_gradient_checkpointing and not runs[0].unet.is_gradient_checkpointing
+    assert runs[1].vae.decoder.gradient_checkpointing and not runs[0].vae.decoder.gradient_checkpointing
     a, b = (get_peft_model_state_dict(r.unet) for r in runs)
     assert max(a[k].abs().max() for k in a if "lora_B" in k) > 1e-3  # B starts at zero: the update moved it
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

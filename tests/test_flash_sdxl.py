@@ -98,7 +98,7 @@ def test_teacher_solve_matches_the_stock_sdxl_pipeline(loaded):
     from diffusers import StableDiffusionXLPipeline
     tokenizers, encoders, vae, unet, sched, _ = loaded
     m = flash_sdxl.Models()
-    m.unet = m.net = unet
+    m.unet = unet
     m.teacher_sched = sched
     prompts = ["a red square", "a blue circle"]
     cond = flash_sdxl.encode_text(tokenizers, encoders, prompts, 32, torch.device("cpu"))
