@@ -1012,7 +1012,8 @@ def markdown(report):
             x = r.get(variant)
             if not x:
                 continue
-            compiled = r["compile"] and (variant == "ours" or variant == "reference" and r.get("reference_compiled", True))
+            compiled = r["compile"] and (variant == "ours" or
+                                         variant == "reference" and r.get("reference_compiled", True))
             prec = r["mixed_precision"] + (" +compile" if compiled else "") + (
                 " +ckpt" if r["gradient_checkpointing"] else "")
             head = (f"| {r['backbone']} | {r['size']} | {r['resolution']} | {r['batch_size']} | "
@@ -1046,8 +1047,8 @@ def markdown(report):
                 cells.append("" if sec is None else f"{sec:.4g} ({100 * sec / x['breakdown_total_s']:.0f}%)" +
                              ("" if peak is None else f", peak {peak:.1f} GiB"))
             lines.append(f"| {lab} | " + " | ".join(cells) + " |")
-        lines.append("| **total** | " + " | ".join(f"{x['breakdown_total_s']:.4g} (timed step {x['sec_per_update']:.4g})"
-                                                  for _, x in cols) + " |")
+        totals = (f"{x['breakdown_total_s']:.4g} (timed step {x['sec_per_update']:.4g})" for _, x in cols)
+        lines.append("| **total** | " + " | ".join(totals) + " |")
     lines += ["", "Notes:"] + [f"- {n}" for n in meta["notes"]]
     for r in report["results"]:
         lines += [f"- {r['backbone']}: {n}" for n in r.get("notes", [])]
