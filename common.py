@@ -553,12 +553,13 @@ def compile_blocks(model, block_types):
     return n
 
 
-def make_trainable(net, denoiser, disc, args, device, world_size, resume_dir, log):
-    """DDP wraps only what trains: the student call through `net` (the denoiser, maybe compiled; its LoRA
-    gradients) and the discriminator head. AdamW for each; the state restored from `resume_dir` if given,
-    else each rank seeded with seed + rank. Returns (student, disc_ddp, opt_g, opt_d, step, counters)."""
+def make_trainable(denoiser, disc, args, device, world_size, resume_dir, log):
+    """DDP wraps only what trains: the student call through the denoiser (its LoRA gradients; its blocks
+    compiled in place with --compile) and the discriminator head. AdamW for each; the state restored from
+    `resume_dir` if given, else each rank seeded with seed + rank. Returns (student, disc_ddp, opt_g, opt_d,
+    step, counters)."""
     ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-    student = DDP(net, **ddp_kw) if world_size > 1 else net
+    student = DDP(denoiser, **ddp_kw) if world_size > 1 else denoiser
     disc_ddp = DDP(disc, **ddp_kw) if world_size > 1 else disc
     lora_params = [p for p in denoiser.parameters() if p.requires_grad]
     fused = dict(fused=True) if device.type == "cuda" else {}

@@ -455,7 +455,7 @@ def main(argv=None):
     if args.compile:  # in place, before DDP wraps the student
         common.compile_blocks(m.transformer, COMPILE_BLOCKS)
     m.student, m.disc_ddp, m.opt_g, m.opt_d, step, counters = common.make_trainable(
-        m.transformer, m.transformer, m.disc, args, device, world_size, resume_dir, log)
+        m.transformer, m.disc, args, device, world_size, resume_dir, log)
     total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
     loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers,
                                 args.min_aesthetic, seed=args.seed + 100_003 * step)  # a resumed run reads new samples

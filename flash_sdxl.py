@@ -87,7 +87,7 @@ def parse_args(argv=None):
     a("--lora_rank", type=int, default=64, help="LoRA rank r")
     a("--lora_alpha", type=float, default=64, help="LoRA alpha (scale = alpha / r)")
     a("--mixed_precision", default="bf16", choices=["bf16", "no"], help="bf16 autocast (frozen weights in bf16 on GPU)")
-    a("--compile", action="store_true", help="torch.compile the transformer blocks in place (the first steps compile)")
+    a("--compile", action="store_true", help="compile the transformer and ResNet blocks in place (the first steps compile)")
     a("--gradient_checkpointing", action="store_true", help="trade compute for memory (advised under 40 GB)")
     a("--seed", type=int, default=0, help="global seed; rank r uses seed + r")
     # outputs
@@ -413,7 +413,7 @@ def main(argv=None):
     if args.compile:  # in place, before DDP wraps the student
         common.compile_blocks(m.unet, COMPILE_BLOCKS)
     m.student, m.disc_ddp, m.opt_g, m.opt_d, step, counters = common.make_trainable(
-        m.unet, m.unet, m.disc, args, device, world_size, resume_dir, log)
+        m.unet, m.disc, args, device, world_size, resume_dir, log)
     total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
     loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers,
                                 args.min_aesthetic, seed=args.seed + 100_003 * step)  # a resumed run reads new samples

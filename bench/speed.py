@@ -475,7 +475,7 @@ def build_step(name, opts, device, log):
     if args.compile:
         common.compile_blocks(denoiser, mod.COMPILE_BLOCKS)
     m.student, m.disc_ddp, m.opt_g, m.opt_d, _, _ = common.make_trainable(
-        denoiser, denoiser, m.disc, args, device, 1, None, log)
+        denoiser, m.disc, args, device, 1, None, log)
 
     # one fixed start index for every phase (see the docstring), and the phase whose loss weights apply
     K = args.num_teacher_steps
