@@ -537,7 +537,7 @@ def compile_blocks(model, block_types):
     model's own forward (its branches on timesteps and conditioning) stays eager, and blocks of the same
     class and shape share one graph, so compiling takes seconds per graph rather than minutes per model.
     Graphs are keyed by shape, grad mode and LoRA on/off (student, teacher, features), never by the start
-    index, phase or guidance. Returns how many modules were compiled."""
+    index, phase or guidance."""
     n = 0
     for module in model.modules():
         if type(module).__name__ in block_types:
@@ -550,7 +550,6 @@ def compile_blocks(model, block_types):
     # (class, shape, mode) variant; past the limit dynamo would silently fall back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    return n
 
 
 def make_trainable(denoiser, disc, args, device, world_size, resume_dir, log):
@@ -620,7 +619,8 @@ def check_run_args(args):
         if n and args.distill_weights[p] <= 0 and args.dmd_weights[p] <= 0 and args.adv_weights[p] <= 0:
             raise UsageError(f"phase {p} has no positive loss weight: raise one of --distill_weights, "
                              "--dmd_weights, --adv_weights for it")
-    for flag in ("batch_size", "log_every", "sample_every", "checkpoint_every", "resolution", "max_steps"):
+    for flag in ("batch_size", "log_every", "sample_every", "checkpoint_every", "resolution", "max_steps",
+                 "lora_rank", "lora_alpha", "lr", "lr_disc"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise UsageError(f"--{flag} must be positive")
     if args.num_workers < 0 or args.keep_checkpoints < 0:

@@ -269,10 +269,11 @@ def teacher_solve(m, x_t, k, cond, uncond, w):
 
 
 def student_sigmas(sigmas, n):
-    """The sigmas of the student's n-step sampler: the teacher grid's indices 0, K/n, 2K/n, ... (see the
-    comment at the top); pass them to a FlowMatchLCMScheduler configured with shift=1.0."""
-    K = len(sigmas) - 1
-    return [float(sigmas[j * K // n]) for j in range(n)]
+    """The sigmas of the student's n-step sampler (n in 1, 2, 4): the mixture's modes, teacher-grid indices
+    j * (K // 4), every (4 // n)-th of them (see the comment at the top); pass them to a
+    FlowMatchLCMScheduler configured with shift=1.0."""
+    step = (len(sigmas) - 1) // 4 * (4 // n)
+    return [float(sigmas[j * step]) for j in range(n)]
 
 
 def make_discriminator(ch, size):

@@ -152,8 +152,6 @@ DENOISERS = {  # (class name in diffusers, config) per (backbone, size)
         pos_embed_max_size=192)),
 }
 DENOISERS[("adapter", "real")] = DENOISERS[("sdxl", "real")]
-# published parameter counts of the real denoisers, in millions (tests/test_speed.py checks them)
-REAL_PARAMS_M = dict(sd=859.5, sdxl=2567.5, adapter=2567.5, pixart=611.3, sd3=2028.3)
 
 
 def tiny_vae(**kw):
@@ -448,6 +446,11 @@ def build_step(name, opts, device, log):
     spec = SPECS[name]
     mod = importlib.import_module(spec.script)
     args = script_args(mod, opts, opts.size)
+    # one fixed start index for every phase (see default_start_index), checked before any model is built
+    K = args.num_teacher_steps
+    k = default_start_index(K) if opts.start_index is None else opts.start_index
+    if not 0 <= k < K:
+        raise ValueError(f"--start_index {k}: must be in 0..{K - 1} (K = {K} for {name})")
     torch.backends.cuda.matmul.allow_tf32 = True  # as common.start_run
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
@@ -477,11 +480,7 @@ def build_step(name, opts, device, log):
     m.student, m.disc_ddp, m.opt_g, m.opt_d, _, _ = common.make_trainable(
         denoiser, m.disc, args, device, 1, None, log)
 
-    # one fixed start index for every phase (see the docstring), and the phase whose loss weights apply
-    K = args.num_teacher_steps
-    k = default_start_index(K) if opts.start_index is None else opts.start_index
-    if not 0 <= k < K:
-        raise ValueError(f"--start_index {k}: must be in 0..{K - 1}")
+    # the fixed start index for every phase, and the phase whose loss weights apply
     m.start_probs = [torch.nn.functional.one_hot(torch.tensor(k), K).double()] * 4
     step = sum(args.phase_steps[:opts.phase])
 
@@ -819,15 +818,7 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
-@contextlib.contextmanager
-def eager():
-    """Compiled regions run eagerly inside (FLOP counting dispatches every op in Python; the reference
-    pattern with --reference_compile no)."""
-    with torch.compiler.set_stance("force_eager"):
-        yield
-
-
-def measure(b, label, step_fn, breakdown_fn, flops_fn, opts, device):
+def measure(b, label, step_fn, breakdown_fn, opts, device):
     """Warm-up (and compilation), timed steps, peak memory, breakdown steps and one FLOP-counting step."""
     desc = f"{b['name']} {label}"
     t0 = time.perf_counter()
@@ -864,8 +855,8 @@ def measure(b, label, step_fn, breakdown_fn, flops_fn, opts, device):
             out["breakdown_peak_mem_gib"] = {k: tl.peaks[k] for k in parts if k in tl.peaks}
     if opts.flops:
         from torch.utils.flop_counter import FlopCounterMode
-        with eager(), FlopCounterMode(display=False) as counter:
-            flops_fn()
+        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+            step_fn()
         out["flops_per_update"] = counter.get_total_flops()
         out["tflops_per_s"] = out["flops_per_update"] / sec / 1e12
         if opts.peak_tflops:
@@ -903,18 +894,18 @@ def run_backbone(name, opts, device, log, save, res):
             mod.train_step(m, b["batch"], b["step"], args)
             tl.mark(OPT)
 
-    res["ours"] = measure(b, "ours", ours, ours_instrumented, ours, opts, device)
+    res["ours"] = measure(b, "ours", ours, ours_instrumented, opts, device)
     save(res)
     if args.compile and opts.eager_too:  # what compiling buys: the same step on the same models, eager
-        with eager():
-            res["ours_eager"] = measure(b, "ours eager", ours, ours_instrumented, ours,
-                                        argparse.Namespace(**dict(vars(opts), flops=False)), device)
-            res["ours_eager"]["flops_per_update"] = res["ours"].get("flops_per_update")  # the same step's
-            if res["ours"].get("flops_per_update") and opts.peak_tflops:
-                x = res["ours_eager"]
-                x["tflops_per_s"] = x["flops_per_update"] / x["sec_per_update"] / 1e12
+        with torch.compiler.set_stance("force_eager"):
+            x = measure(b, "ours eager", ours, ours_instrumented, argparse.Namespace(**dict(vars(opts), flops=False)),
+                        device)
+        flops = res["ours"].get("flops_per_update")  # the same step's count
+        if flops:
+            x.update(flops_per_update=flops, tflops_per_s=flops / x["sec_per_update"] / 1e12)
+            if opts.peak_tflops:
                 x["mfu"] = x["tflops_per_s"] / opts.peak_tflops
-        res["compile_speedup"] = res["ours_eager"]["sec_per_update"] / res["ours"]["sec_per_update"]
+        res.update(ours_eager=x, compile_speedup=x["sec_per_update"] / res["ours"]["sec_per_update"])
         save(res)
     if opts.reference and b["spec"].encode is None:
         res["reference"] = dict(skipped=f"no reference pattern for {name} (flow matching)")
@@ -934,8 +925,8 @@ def run_backbone(name, opts, device, log, save, res):
                 tl.start()
                 reference_step(b, teacher, tl)
 
-            with eager() if eager_ref else contextlib.nullcontext():
-                res["reference"] = measure(b, "reference", ref, ref_instrumented, ref, opts, device)
+            with torch.compiler.set_stance("force_eager" if eager_ref else "default"):
+                res["reference"] = measure(b, "reference", ref, ref_instrumented, opts, device)
             ours_, ref_ = res["ours"], res["reference"]
             res["speedup"] = ref_["sec_per_update"] / ours_["sec_per_update"]
             res["memory_ratio"] = ref_["peak_mem_gib"] / ours_["peak_mem_gib"]
@@ -1091,6 +1082,8 @@ def parse_args(argv=None):
         p.error("--steps must be >= 1, --warmup and --breakdown_steps >= 0")
     if opts.compile and opts.warmup < 1:
         p.error("--compile needs --warmup >= 1 (the first step compiles)")
+    if not opts.compile and (opts.eager_too or not opts.reference_compile):
+        p.error("--eager_too and --reference_compile no compare against a compiled step: add --compile")
     return opts
 
 

@@ -16,12 +16,10 @@ The teacher and judge ship with the repository (bench/toy_teacher/), trained by
 skipped when present; --fresh redoes them.
 """
 import argparse
-import contextlib
 import io
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -117,10 +115,9 @@ def shard_pattern(args):
 # 2. the teacher: a tiny AutoencoderKL, CLIP text encoder and UNet, trained here, saved as SD1.5 layout
 # ------------------------------------------------------------------------------------------------------
 
-def toy_tokenizer():
-    """A CLIP BPE tokenizer built in memory: every byte is a token, and merges make each word of the
-    captions a single token (so a caption is 9 tokens)."""
-    from transformers import CLIPTokenizer
+def byte_chars():
+    """GPT-2's reversible byte -> printable character map (byte-level BPE vocabularies start with these 256
+    characters), in its order; the tests' byte-level tokenizers use it too."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 256))
     cs, extra = bs[:], 0
     for b in range(256):
@@ -128,7 +125,14 @@ def toy_tokenizer():
             bs.append(b)
             cs.append(256 + extra)
             extra += 1
-    chars = [chr(c) for c in cs]
+    return [chr(c) for c in cs]
+
+
+def toy_tokenizer():
+    """A CLIP BPE tokenizer built in memory: every byte is a token, and merges make each word of the
+    captions a single token (so a caption is 9 tokens)."""
+    from transformers import CLIPTokenizer
+    chars = byte_chars()
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
     merges, words = [], ["a", "on", "background"] + SHAPES + NAMES
@@ -455,7 +459,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--work_dir", default=os.path.join(os.path.expanduser("~"), ".cache", "flash_toy"), help="cached stage outputs")
-    a("--quick", action="store_true", help="every stage at smoke-test size (a few minutes; no quality claim)")
+    a("--quick", action="store_true",
+      help="every stage at smoke-test size, overriding the size flags (a few minutes; no quality claim)")
     a("--fresh", action="store_true", help="redo the stages even if their outputs are cached")
     a("--stages", default="data,teacher,judge,distill,table", help="comma-separated subset to run")
     a("--train_teacher", action="store_true", help="train teacher and judge here instead of using bench/toy_teacher")
@@ -524,7 +529,7 @@ def main(argv=None):
             raise SystemExit(f"toy.py: no {what} at {path}: run with --train_teacher (or restore bench/toy_teacher)")
     run = os.path.join(args.work_dir, "run")
     final = os.path.join(run, "pytorch_lora_weights.safetensors")
-    if "gate" in stages or "distill" in stages and (args.fresh or not os.path.exists(final)):
+    if "gate" in stages or ("distill" in stages and (args.fresh or not os.path.exists(final))):
         align = timed("gate", teacher_gate, args, teacher, judge)
         print(f"teacher, 32 steps, CFG {args.guidance}: alignment {100 * align:.1f} %")
         if align < args.min_teacher_alignment and not args.quick:
@@ -532,13 +537,16 @@ def main(argv=None):
                              f"{100 * args.min_teacher_alignment:.0f} %): retrain it longer (--train_teacher --unet_steps N)")
     cached(final, "distill", stage_distill, args, teacher)
     if "table" in stages:
+        if not os.path.exists(final):
+            raise SystemExit(f"toy.py: no distilled LoRA at {final}: run the distill stage first")
         rows, images, extra, labels = timed("table", stage_table, args, teacher, run, judge)
         table = markdown(rows, extra)
         print(table)
         with open(os.path.join(args.work_dir, "results.md"), "w") as f:
             f.write(table + "\n")
-        json.dump(dict(rows=rows, **extra, times=times, quick=args.quick, command=distill_command(args, teacher)[1:]),
-                  open(os.path.join(args.work_dir, "results.json"), "w"), indent=1)
+        with open(os.path.join(args.work_dir, "results.json"), "w") as f:
+            json.dump(dict(rows=rows, **extra, times=times, quick=args.quick,
+                           command=distill_command(args, teacher)[1:]), f, indent=1)
         save_grid(images, labels, os.path.join(args.work_dir, "grid.png"))
         print(f"results: {args.work_dir}/results.md, results.json, grid.png")
     return args

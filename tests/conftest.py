@@ -15,26 +15,23 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from toy import byte_chars  # noqa: E402  (GPT-2's byte map, shared with the toy benchmark)
+
 torch.set_num_threads(2)
 
 
-def bytes_to_unicode():
-    """GPT-2's reversible byte -> printable character map, which byte-level BPE vocabularies use."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), 256))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+def metrics(out):
+    """The records a run wrote to metrics.jsonl, oldest first."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
 
 
 def byte_clip_tokenizer():
     """A CLIP BPE tokenizer over bytes, built in memory (no Hub): every byte is a token, with and without
     the end-of-word marker, plus a few word merges; start/end of text are the two highest ids."""
     from transformers import CLIPTokenizer
-    chars = list(bytes_to_unicode().values())
+    chars = byte_chars()
     vocab = {}
     for c in chars:
         vocab[c] = len(vocab)

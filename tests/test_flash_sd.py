@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, encode, good_samples, random_image, write_shard
+from conftest import ROOT, encode, good_samples, metrics, random_image, write_shard
 
 import common
 import flash_sd
@@ -23,11 +23,6 @@ def argv(model, shards, out, *extra):
             "--mixed_precision", "no", "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "4",
             "--log_every", "1", "--sample_every", "100", "--checkpoint_every", "100",
             "--validation_prompts", "a red square", "a blue circle", *extra]
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def tiny_args(model, shards, out, *extra):
@@ -68,7 +63,8 @@ def test_unknown_flag_fails():
 
 
 @pytest.mark.parametrize("case, flag", [("shards", "--shards"), ("model", "--model"), ("resolution", "--resolution"),
-                                        ("output", "--resume"), ("guidance", "--guidance_min")])
+                                        ("output", "--resume"), ("guidance", "--guidance_min"),
+                                        ("lr", "--lr must be positive")])
 def test_bad_start_up_input_is_one_clear_error(sd_model, shards, tmp_path, case, flag):
     out = tmp_path / "run"
     a = argv(sd_model, shards, out)
@@ -83,6 +79,8 @@ def test_bad_start_up_input_is_one_clear_error(sd_model, shards, tmp_path, case,
         (out / "metrics.jsonl").write_text("{}\n")
     elif case == "guidance":
         a += ["--guidance_min", "9", "--guidance_max", "3"]
+    elif case == "lr":
+        a += ["--lr", "0"]
     with pytest.raises(common.UsageError) as e:
         flash_sd.main(a)
     msg = str(e.value)

@@ -12,7 +12,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, metrics
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, StableDiffusion3Pipeline
 
 import common
@@ -27,11 +27,6 @@ def argv(model, shards, out, *extra):
             "--mixed_precision", "no", "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "8",
             "--distill_loss", "l2", "--log_every", "1", "--sample_every", "100", "--checkpoint_every", "100",
             "--validation_prompts", "a red square", "a blue circle", *extra]
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +180,10 @@ def test_student_sampler_is_flow_match_lcm_at_the_mixture_modes():
     np.testing.assert_allclose(four, [1.0, 0.8965, 0.7389, 0.4700], atol=1e-4)
     assert flash_sd3.student_sigmas(sched.sigmas, 2) == [four[0], four[2]]
     assert flash_sd3.student_sigmas(sched.sigmas, 1) == [1.0]
+    sched.set_timesteps(34)  # K not a multiple of 4: still the modes, indices 0, 8, 16, 24
+    modes = common.start_index_probs(34, common.MODE_PROBS[-1]).argsort()[-4:].sort().values.tolist()
+    assert modes == [0, 8, 16, 24]
+    assert flash_sd3.student_sigmas(sched.sigmas, 4) == [float(sched.sigmas[i]) for i in modes]
     for pi in common.MODE_PROBS:  # the modes with weight are where the mixture peaks; nothing lands near 10 or 21
         p = common.start_index_probs(32, pi)
         assert all(p[j] > 0.05 for j, w in zip((0, 8, 16, 24), pi) if w > 0) and p[[10, 11, 20, 21, 31]].max() < 1e-3
@@ -240,6 +239,10 @@ def test_end_to_end_run(e2e):
     assert rows[0]["dmd"] == 0 and rows[0]["adv"] == 0 and rows[0]["distill"] > 0 and rows[0]["disc"] > 0
     assert all(r["dmd"] > 0 and r["adv"] > 0 for r in rows[1:])
     assert {round(r["t"], 1) for r in rows} <= {1000.0, 857.7, 602.2, 8.9}  # starts on the K = 4 grid
+    # the DMD and GAN levels come from the 1000-step training grid (shift 3), not from the K-step teacher grid
+    assert len(m.train_sigmas) == 1000
+    torch.testing.assert_close(m.train_sigmas[flash_sd3.GAN_INDICES].cpu(), torch.tensor([0.0294, 0.5, 0.75, 0.9]),
+                               atol=2e-3, rtol=0)
     assert sorted(os.listdir(out / "checkpoints")) == ["step_000004"]
     assert Image.open(out / "samples" / "step_000004.png").size == (4 * 128, 2 * 128 + 14)
 

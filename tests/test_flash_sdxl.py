@@ -1,7 +1,6 @@
 """flash_sdxl.py on a tiny random SDXL-layout model (two text encoders, pooled embeddings, time ids).
 The training loop is shared in shape with flash_sd.py (tested there in depth); these tests cover what the
 SDXL conditioning changes, end to end through main(argv), resume and a two-process run."""
-import json
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, metrics
 
 import common
 import flash_sdxl
@@ -22,11 +21,6 @@ def argv(model, shards, out, *extra):
             "--mixed_precision", "no", "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "8",
             "--distill_loss", "l2", "--log_every", "1", "--sample_every", "100", "--checkpoint_every", "100",
             "--validation_prompts", "a red square", "a blue circle", *extra]
-
-
-def metrics(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture(scope="module")

@@ -77,9 +77,11 @@ def test_quick_run_end_to_end(tmp_path):
     assert "[distill]" in out.stdout and "[table]" in out.stdout
 
 
-def test_unknown_stage_is_refused():
+def test_unknown_stage_is_refused(capsys):
     with pytest.raises(SystemExit):
         toy.parse_args(["--stages", "data,distil"])
+    assert "--stages: unknown ['distil']" in capsys.readouterr().err
+    assert toy.parse_args(["--stages", "data,distill"]).stages == "data,distill"
 
 
 def test_teacher_training_writes_a_stock_pipeline(tmp_path):
