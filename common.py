@@ -1,38 +1,32 @@
-"""Backbone-free pieces shared by every flash_*.py script.
+"""What every flash_*.py script shares: data loading, the timestep distribution and the losses.
 
-Nothing here touches a model's call signature. Sections, in the order a reader of the paper meets them:
+Nothing here touches a model's call signature or a script's flags (functions take values, not `args`);
+each script writes out its own run plumbing (processes, DDP, optimizers, checkpoints, signals, logging).
+Sections, in the order a reader of the paper meets them:
   1. data: the webdataset pipeline (image + caption shards -> batches of pixel_values and text)
   2. timesteps: phase schedule and the Gaussian-mixture start-index distribution (paper section 3.2)
-  3. losses: distillation, DMD, GAN, the LCM boundary scalings, re-noising
-  4. run plumbing: torch.distributed set-up, metrics, checkpoints, stop signals
+  3. losses: distillation, DMD, GAN, the LCM boundary scalings, re-noising (paper section 3.3)
 """
 import glob
 import io
 import itertools
 import json
-import logging
 import os
 import signal
-import shutil
 import weakref
 from functools import partial
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 import webdataset as wds
 from braceexpand import braceexpand
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageFile, ImageOps
-from tqdm import tqdm
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated jpg must fail to decode, so it is skipped and counted
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 MAX_FILTERED = 500  # samples read with none passing the filters before we stop and say why
-MAX_NONFINITE = 5  # non-finite losses in a row before training stops
 
 
 class UsageError(ValueError):
@@ -205,12 +199,13 @@ def shard_slice(urls, rank, world_size, worker, num_workers):
 class ResampledSlice(torch.utils.data.IterableDataset):
     """Endless stream of shard URLs for this rank and worker, seeded by (seed, rank, worker)."""
 
-    def __init__(self, urls, seed, check_progress=None):
+    def __init__(self, urls, seed, rank=0, world_size=1, check_progress=None):
         super().__init__()
-        self.urls, self.seed, self.check_progress = urls, seed, check_progress
+        self.urls, self.seed, self.rank, self.world_size = urls, seed, rank, world_size
+        self.check_progress = check_progress
 
     def __iter__(self):
-        rank, world_size = get_rank_world()
+        rank, world_size = self.rank, self.world_size
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
         urls = shard_slice(self.urls, rank, world_size, worker, num_workers)
@@ -244,12 +239,14 @@ class Loader:
         return total
 
 
-def ignore_stop_signals(worker_id):
+def init_worker(worker_id):
     """Ctrl-C, torchrun and SLURM send SIGINT/SIGTERM to the data workers too. Only the main process acts
     on them (it finishes the step, saves a checkpoint, stops); a worker killed by the signal would abort
-    it mid-step instead. `Loader` shuts the workers down itself."""
+    it mid-step instead. `Loader` shuts the workers down itself. One thread per worker: decoding needs no
+    more, and each worker would otherwise start as many as there are cores, against the trainer."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.set_num_threads(1)
 
 
 def shutdown_workers(dataloader):
@@ -261,30 +258,30 @@ def shutdown_workers(dataloader):
 
 
 def make_loader(shards, resolution, batch_size, num_workers=4, min_aesthetic=None, seed=0, extra=None,
-                shuffle=1000):
-    """The training stream: resampled shards, split by node and worker, shuffled, decoded, filtered and
-    batched without partial batches. `shards`: a list of URL patterns (already checked with
+                shuffle=1000, rank=0, world_size=1):
+    """The training stream of one rank: resampled shards, split by rank and worker, shuffled, decoded,
+    filtered and batched without partial batches. `shards`: a list of URL patterns (already checked with
     expand_shards). `min_aesthetic` None (or negative) turns the aesthetic filter off."""
     if min_aesthetic is not None and min_aesthetic < 0:
         min_aesthetic = None
     decoder = SampleDecoder(resolution, min_aesthetic, extra)
     tar_errors = TarErrors(decoder)
     dataset = wds.DataPipeline(
-        ResampledSlice(expand_shards(shards), seed, tar_errors.check_progress),
+        ResampledSlice(expand_shards(shards), seed, rank, world_size, tar_errors.check_progress),
         wds.tarfile_to_samples(handler=tar_errors),
         tar_errors.counted,
-        wds.shuffle(shuffle, seed=seed * 1000 + get_rank_world()[0]),  # the shard streams differ per worker
+        wds.shuffle(shuffle, seed=seed * 1000 + rank),  # the shard streams differ per worker
         decoder,
         wds.batched(batch_size, partial=False, collation_fn=partial(collate, decoder=decoder, tar_errors=tar_errors)),
     )
     dataloader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers,
                                              pin_memory=torch.cuda.is_available(),
-                                             persistent_workers=num_workers > 0, worker_init_fn=ignore_stop_signals)
+                                             persistent_workers=num_workers > 0, worker_init_fn=init_worker)
     return Loader(dataloader)
 
 
 # ------------------------------------------------------------------------------------------------------
-# 2. timesteps: phases and the start-index distribution (paper section 3.2, METHOD.md section 4)
+# 2. timesteps: phases and the start-index distribution (paper section 3.2)
 # ------------------------------------------------------------------------------------------------------
 
 # mixture weights pi_j over the modes at [0, K/4, K/2, 3K/4], one row per training phase
@@ -323,7 +320,7 @@ def sample_start_index(probs, generator=None):
 
 
 # ------------------------------------------------------------------------------------------------------
-# 3. losses and scalings (METHOD.md section 5)
+# 3. losses and scalings (paper section 3.3)
 # ------------------------------------------------------------------------------------------------------
 
 def lcm_boundary(t, sigma_data=0.5, timestep_scaling=10.0):
@@ -432,409 +429,3 @@ def gan_d_loss(logits_real, logits_fake, kind="lsgan"):
     if kind == "non_saturating":
         return F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean()
     raise ValueError(f"unknown GAN loss {kind!r}")
-
-
-# ------------------------------------------------------------------------------------------------------
-# 4. run plumbing: distributed set-up, logging, metrics, checkpoints, stop signals
-# ------------------------------------------------------------------------------------------------------
-
-def get_rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def setup_distributed():
-    """torchrun sets RANK: one process per device, nccl on CUDA, gloo on CPU. Otherwise a single process.
-    Returns (rank, world_size, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local_rank)
-        device, backend = torch.device("cuda", local_rank), "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-def cleanup_distributed():
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier():
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
-def all_reduce(t, op="mean"):
-    """In-place all-reduce (mean or max) of a tensor; a no-op in a single process."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        if op == "mean":
-            t /= dist.get_world_size()
-    return t
-
-
-class TqdmHandler(logging.StreamHandler):
-    """Log lines printed above the progress bar instead of through it."""
-
-    def emit(self, record):
-        tqdm.write(self.format(record))
-
-
-def get_logger(rank, output_dir=None):
-    """Rank 0 logs to stdout (and output_dir/log.txt); other ranks get a null handler."""
-    logger = logging.getLogger("flash")
-    logger.handlers.clear()
-    logger.propagate = False
-    if rank == 0:
-        logger.setLevel(logging.INFO)
-        fmt = logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S")
-        handlers = [TqdmHandler()]
-        if output_dir:
-            handlers.append(logging.FileHandler(os.path.join(output_dir, "log.txt")))
-        for h in handlers:
-            h.setFormatter(fmt)
-            logger.addHandler(h)
-    else:
-        logger.addHandler(logging.NullHandler())
-    return logger
-
-
-def append_jsonl(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def peak_memory_gb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # Linux reports KiB
-
-
-def start_run(args):
-    """Processes, output folder, rank-aware logger, TF32, and the init seed shared by every rank (the LoRA
-    and the head start identical; DDP also broadcasts rank 0's). Returns (rank, world_size, device, log)."""
-    rank, world_size, device = setup_distributed()
-    if rank == 0:
-        prepare_output_dir(args.output_dir, args.overwrite, args.resume)
-    barrier()
-    log = get_logger(rank, args.output_dir)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(args.seed)
-    return rank, world_size, device, log
-
-
-def compile_blocks(model, block_types):
-    """--compile: regional compilation. Every module of the given classes (the repeated transformer and
-    ResNet blocks) is compiled in place (nn.Module.compile): saved keys never carry a compile prefix, the
-    model's own forward (its branches on timesteps and conditioning) stays eager, and blocks of the same
-    class and shape share one graph, so compiling takes seconds per graph rather than minutes per model.
-    Graphs are keyed by shape, grad mode and LoRA on/off (student, teacher, features), never by the start
-    index, phase or guidance."""
-    n = 0
-    for module in model.modules():
-        if type(module).__name__ in block_types:
-            module.compile(dynamic=False)
-            n += 1
-    if n == 0:
-        raise UsageError(f"--compile: no {' or '.join(block_types)} in {type(model).__name__} to compile; "
-                         "name this model's repeated block classes in its script's COMPILE_BLOCKS")
-    # all compiled modules share one frame (Module._call_impl), so the graph cache must hold every
-    # (class, shape, mode) variant; past the limit dynamo would silently fall back to eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-
-
-def make_trainable(denoiser, disc, args, device, world_size, resume_dir, log):
-    """DDP wraps only what trains: the student call through the denoiser (its LoRA gradients; its blocks
-    compiled in place with --compile) and the discriminator head. AdamW for each; the state restored from
-    `resume_dir` if given, else each rank seeded with seed + rank. Returns (student, disc_ddp, opt_g, opt_d,
-    step, counters)."""
-    ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-    student = DDP(denoiser, **ddp_kw) if world_size > 1 else denoiser
-    disc_ddp = DDP(disc, **ddp_kw) if world_size > 1 else disc
-    lora_params = [p for p in denoiser.parameters() if p.requires_grad]
-    fused = dict(fused=True) if device.type == "cuda" else {}
-    opt_g = torch.optim.AdamW(lora_params, lr=args.lr, **fused)
-    opt_d = torch.optim.AdamW(disc.parameters(), lr=args.lr_disc, **fused)
-    log.info(f"LoRA {sum(p.numel() for p in lora_params) / 1e6:.2f}M + discriminator "
-             f"{sum(p.numel() for p in disc.parameters()) / 1e6:.2f}M trainable parameters; "
-             f"{world_size} process(es) on {device.type}")
-    step, counters = 0, dict(nonfinite=0)
-    if resume_dir:
-        step, counters = restore_training_state(load_training_state(resume_dir), denoiser, disc, opt_g, opt_d,
-                                                args, device, log)
-        log.info(f"resumed from {resume_dir} at step {step}")
-    else:
-        torch.manual_seed(args.seed + get_rank_world()[0])
-    return student, disc_ddp, opt_g, opt_d, step, counters
-
-
-class Tally:
-    """The loop's bookkeeping between log lines: loss sums, training time, non-finite skips (MAX_NONFINITE
-    in a row stop training with an error)."""
-
-    def __init__(self, counters):
-        self.counters, self.in_a_row = counters, 0
-        self.reset()
-
-    def reset(self):
-        self.sums, self.steps, self.seconds = {}, 0, 0.0
-
-    def record(self, losses, updated, seconds, step, log, output_dir):
-        """Returns 1 if the update happened (the step advances), 0 if it was skipped."""
-        if updated:
-            self.in_a_row, self.steps, self.seconds = 0, self.steps + 1, self.seconds + seconds
-            self.sums = {k: self.sums.get(k, 0) + v for k, v in losses.items()}
-            return 1
-        self.counters["nonfinite"] += 1
-        self.in_a_row += 1
-        log.info(f"step {step}: non-finite loss, update skipped ({self.in_a_row} in a row)")
-        if self.in_a_row >= MAX_NONFINITE:
-            raise RuntimeError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; the last good "
-                               f"checkpoint is in {output_dir}/checkpoints. Try a lower --lr, "
-                               "--mixed_precision no, or check the data.")
-        return 0
-
-    def flush(self, args, step, loader, device, log):
-        last = log_metrics(args, step, self.sums, self.steps, self.seconds, self.counters, loader, device, log)
-        self.reset()
-        return last
-
-
-def check_run_args(args):
-    """Start-up checks of the flags every script shares (nothing here depends on the backbone)."""
-    if args.guidance_min > args.guidance_max:
-        raise UsageError("--guidance_min must not exceed --guidance_max")
-    if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
-        raise UsageError("--phase_steps: four non-negative batch counts with a positive sum")
-    for p, n in enumerate(args.phase_steps):
-        if n and args.distill_weights[p] <= 0 and args.dmd_weights[p] <= 0 and args.adv_weights[p] <= 0:
-            raise UsageError(f"phase {p} has no positive loss weight: raise one of --distill_weights, "
-                             "--dmd_weights, --adv_weights for it")
-    for flag in ("batch_size", "log_every", "sample_every", "checkpoint_every", "resolution", "max_steps",
-                 "lora_rank", "lora_alpha", "lr", "lr_disc"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise UsageError(f"--{flag} must be positive")
-    if args.num_workers < 0 or args.keep_checkpoints < 0:
-        raise UsageError("--num_workers and --keep_checkpoints must not be negative")
-    if not 4 <= args.num_teacher_steps <= 1000:  # the mixture's 4 modes sit at multiples of K // 4
-        raise UsageError("--num_teacher_steps: K must be between 4 and 1000")
-    expand_shards(args.shards)
-    check_output_dir(args.output_dir, args.resume, args.overwrite)
-
-
-def log_metrics(args, step, sums, n_steps, train_time, counters, loader, device, log):
-    """Every --log_every updates: loss terms (and start t, w) averaged over the steps and all ranks, speed,
-    memory and the data counters, appended to metrics.jsonl by rank 0 and written to the log. Returns the
-    averages. Every rank must call it."""
-    last = mean_over_ranks(sums, n_steps, device)
-    record = dict(step=step, phase=phase_of(step - 1, args.phase_steps), K=args.num_teacher_steps, **last,
-                  it_per_s=n_steps / max(train_time, 1e-9), peak_mem_gb=peak_memory_gb(device),
-                  nonfinite=counters["nonfinite"], data=sum_counts_over_ranks(loader.counts, device))
-    if get_rank_world()[0] == 0:
-        append_jsonl(os.path.join(args.output_dir, "metrics.jsonl"), record)
-    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-    return last
-
-
-def training_state(denoiser, disc, opt_g, opt_d, args, step, counters, device):
-    """Everything --resume needs, as plain tensors and primitives: the denoiser's LoRA, the discriminator,
-    both optimizers, every rank's RNG, the flags as a dict. Every rank must call it (RNG gather); only
-    rank 0 gets the state, the others None."""
-    rng = gather_rng_states(device)
-    if get_rank_world()[0] != 0:
-        return None
-    return dict(step=step, config=vars(args), counters=dict(counters), rng=rng,
-                lora={k: v.detach().cpu() for k, v in get_peft_model_state_dict(denoiser).items()},
-                disc={k: v.detach().cpu() for k, v in disc.state_dict().items()},
-                opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict())
-
-
-def restore_training_state(state, denoiser, disc, opt_g, opt_d, args, device, log):
-    """Load a training state. The LoRA's shape and scale and the model must match; other flags may change
-    on resume (e.g. longer phases or a new learning rate), and the changes are logged. Returns (step,
-    counters)."""
-    saved = state["config"]
-    for flag in ("lora_rank", "lora_alpha", "model"):
-        if saved[flag] != getattr(args, flag):
-            raise UsageError(f"--resume: the checkpoint has --{flag} {saved[flag]}, this run "
-                             f"{getattr(args, flag)}; resume with the same value")
-    changed = {k: (saved.get(k), v) for k, v in vars(args).items() if k not in ("resume", "overwrite")
-               and saved.get(k) != v}
-    if changed:
-        log.info(f"flags changed since the checkpoint (saved, now): {changed}")
-    set_peft_model_state_dict(denoiser, {k: v.to(device) for k, v in state["lora"].items()})
-    disc.load_state_dict(state["disc"])
-    for opt, key, lr in ((opt_g, "opt_g", args.lr), (opt_d, "opt_d", args.lr_disc)):
-        opt.load_state_dict(state[key])
-        for group in opt.param_groups:
-            group["lr"] = lr  # the command line wins over the saved learning rate
-    rank = get_rank_world()[0]
-    if not set_rng_state(state["rng"], rank, device):
-        torch.manual_seed(args.seed + rank + 100_003 * state["step"])  # more ranks than saved
-    return state["step"], state["counters"]
-
-
-def list_checkpoints(output_dir):
-    root = os.path.join(output_dir, "checkpoints")
-    if not os.path.isdir(root):
-        return []
-    names = [n for n in os.listdir(root) if n.startswith("step_") and n[5:].isdigit()
-             and os.path.isfile(os.path.join(root, n, "training_state.pt"))]
-    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[5:]))]
-
-
-def resolve_resume(resume, output_dir):
-    """--resume latest|PATH -> checkpoint folder, or None when starting fresh. Raises a ValueError with
-    the fix when nothing matches."""
-    if not resume:
-        return None
-    if resume == "latest":
-        ckpts = list_checkpoints(output_dir)
-        if not ckpts:
-            raise UsageError(f"--resume latest: no checkpoint in {output_dir}/checkpoints; "
-                             "drop --resume to start a new run")
-        return ckpts[-1]
-    if not os.path.isfile(os.path.join(resume, "training_state.pt")):
-        raise UsageError(f"--resume {resume}: no training_state.pt there; give a checkpoints/step_NNNNNN folder "
-                         "or 'latest'")
-    return resume
-
-
-def check_output_dir(output_dir, resume, overwrite):
-    """Refuse to mix a new run into an old one: a run's outputs exist and neither --resume nor
-    --overwrite was given."""
-    used = os.path.isdir(output_dir) and any(
-        os.path.exists(os.path.join(output_dir, n)) for n in ("checkpoints", "metrics.jsonl"))
-    if used and not resume and not overwrite:
-        raise UsageError(f"--output_dir {output_dir} already holds a run; pass --resume latest to continue it, "
-                         "--overwrite to start over there, or choose another --output_dir")
-
-
-def prepare_output_dir(output_dir, overwrite, resume):
-    if overwrite and not resume:
-        for n in ("checkpoints", "samples", "metrics.jsonl", "log.txt"):
-            p = os.path.join(output_dir, n)
-            shutil.rmtree(p) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
-    os.makedirs(os.path.join(output_dir, "samples"), exist_ok=True)
-    os.makedirs(os.path.join(output_dir, "checkpoints"), exist_ok=True)
-
-
-def save_checkpoint(output_dir, step, state, export_lora, keep):
-    """Rank 0 writes checkpoints/step_NNNNNN/ (training_state.pt + the exported LoRA) under a temporary
-    name, renames it when complete, and keeps the newest `keep`. Every rank must call it (barrier)."""
-    if get_rank_world()[0] == 0:
-        root = os.path.join(output_dir, "checkpoints")
-        final = os.path.join(root, f"step_{step:06d}")
-        tmp = final + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        torch.save(state, os.path.join(tmp, "training_state.pt"))
-        export_lora(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)
-        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    barrier()
-
-
-def load_training_state(ckpt_dir):
-    return torch.load(os.path.join(ckpt_dir, "training_state.pt"), map_location="cpu", weights_only=True)
-
-
-def rng_state(device):
-    """This process's torch RNG states (CPU and, when used, the current CUDA device)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def gather_rng_states(device):
-    """Every rank's RNG state, as a list indexed by rank (for rank 0 to save)."""
-    state = rng_state(device)
-    if not (dist.is_available() and dist.is_initialized()):
-        return [state]
-    states = [None] * dist.get_world_size()
-    dist.all_gather_object(states, state)
-    return states
-
-
-def set_rng_state(states, rank, device):
-    if rank >= len(states):
-        return False  # resumed with more ranks than saved: the caller reseeds
-    torch.set_rng_state(states[rank]["cpu"])
-    if device.type == "cuda" and "cuda" in states[rank]:
-        torch.cuda.set_rng_state(states[rank]["cuda"], device)
-    return True
-
-
-class StopSignal:
-    """SIGTERM / SIGINT set a flag instead of killing the process, so the loop can agree across ranks to
-    save a checkpoint and stop. A second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-    def handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def restore(self):
-        for s, h in self.previous.items():
-            signal.signal(s, h)
-
-
-def check_finite_and_stop(losses, stop, device):
-    """One small all-reduce per step: did any rank see a non-finite loss, did any rank get a stop signal.
-    Returns (any_nonfinite, any_stop) as Python bools."""
-    bad = torch.stack([~torch.isfinite(l.detach()).all() for l in losses]).any().float()
-    flags = torch.stack([bad, torch.tensor(float(stop), device=bad.device)]).to(device)
-    all_reduce(flags, op="max")
-    bad, stop = flags.tolist()  # the loop's one host sync per step: every rank must take the same branch
-    return bad > 0, stop > 0
-
-
-def mean_over_ranks(sums, count, device):
-    """{name: summed scalar tensor} over `count` steps -> {name: float} averaged over steps and ranks."""
-    names = sorted(sums)
-    t = torch.stack([sums[n].detach().float().to(device) for n in names]) / max(count, 1)
-    all_reduce(t)
-    return dict(zip(names, t.tolist()))
-
-
-def sum_counts_over_ranks(counts, device):
-    names = sorted(counts)
-    t = torch.tensor([float(counts[n]) for n in names], device=device)
-    all_reduce(t, op="sum")
-    return {n: int(v) for n, v in zip(names, t.tolist())}
-
-
-def image_grid(rows, labels=None):
-    """rows: list of lists of PIL images (same size) -> one PIL image, with optional column labels."""
-    from PIL import ImageDraw
-    w, h = rows[0][0].size
-    if w < 128:  # tiny test and toy models: upscale so the pictures and labels can be seen
-        rows = [[img.resize((128, 128 * h // w), Image.NEAREST) for img in row] for row in rows]
-        w, h = rows[0][0].size
-    top = 14 if labels else 0
-    grid = Image.new("RGB", (w * len(rows[0]), h * len(rows) + top), "white")
-    if labels:
-        draw = ImageDraw.Draw(grid)
-        for j, label in enumerate(labels):
-            draw.text((j * w + 2, 1), label, fill="black")
-    for i, row in enumerate(rows):
-        for j, img in enumerate(row):
-            grid.paste(img, (j * w, top + i * h))
-    return grid
-

@@ -21,6 +21,11 @@ from toy import byte_chars  # noqa: E402  (GPT-2's byte map, shared with the toy
 torch.set_num_threads(2)
 
 
+def load_state(ckpt_dir):
+    """A checkpoint's training_state.pt, loaded as the scripts load it."""
+    return torch.load(os.path.join(ckpt_dir, "training_state.pt"), map_location="cpu", weights_only=True)
+
+
 def metrics(out):
     """The records a run wrote to metrics.jsonl, oldest first."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
