@@ -33,6 +33,11 @@ class UsageError(ValueError):
     """A bad flag or input found at start-up; the message names the flag and the fix."""
 
 
+class RunError(RuntimeError):
+    """A run stopped for a cause the user can act on (no usable data, a failed checkpoint write, losses
+    that stay non-finite); the message names the cause and the fix."""
+
+
 # ------------------------------------------------------------------------------------------------------
 # 1. data
 # ------------------------------------------------------------------------------------------------------
@@ -81,14 +86,38 @@ def image_to_tensor(img):
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1).contiguous()
 
 
+def caption_of(sample, meta):
+    """The caption: json `caption` if present (the released configs, img2dataset), else the `.txt` member
+    (img2dataset, cc3m-style jpg + txt shards)."""
+    caption = meta.get("caption")
+    if caption is None and "txt" in sample:
+        try:
+            caption = sample["txt"].decode("utf-8")
+        except (UnicodeDecodeError, AttributeError):
+            return None
+    return caption if isinstance(caption, str) and caption.strip() else None
+
+
+def score_of(meta, key):
+    """The aesthetic score under `key` as a finite float (numbers written as strings are read); None if
+    missing, non-numeric, NaN or infinite."""
+    try:
+        score = float(meta.get(key))
+    except (TypeError, ValueError):
+        return None
+    return score if np.isfinite(score) else None
+
+
 class SampleDecoder:
     """webdataset stage: raw tar samples -> {pixel_values, text, **extra}; bad samples are skipped and
     counted. `extra(sample, img)` (img: the cropped RGB image) lets a script add fields, e.g. an edge map;
     it may raise ValueError to reject a sample. Counts travel with each batch (see `Loader`)."""
 
-    def __init__(self, resolution, min_aesthetic=None, extra=None):
+    def __init__(self, resolution, min_aesthetic=None, extra=None, aesthetic_key="aesthetic_score"):
         self.resolution, self.min_aesthetic, self.extra = resolution, min_aesthetic, extra
+        self.aesthetic_key = aesthetic_key
         self.counts = dict(read=0, bad_image=0, no_caption=0, filtered=0, bad_extra=0)
+        self.members, self.json_keys = set(), set()  # what the samples carry, for the message if none passes
 
     def __call__(self, src):
         kept = 0
@@ -96,7 +125,7 @@ class SampleDecoder:
             self.counts["read"] += 1
             out = self.decode(sample)
             if out is None and kept == 0 and self.counts["read"] >= MAX_FILTERED:
-                raise RuntimeError(self.nothing_passes())
+                raise RunError(self.nothing_passes())
             if out is not None:
                 kept += 1
                 yield out
@@ -105,15 +134,19 @@ class SampleDecoder:
         key = next((k for k in IMAGE_KEYS if k in sample), None)
         try:
             meta = json.loads(sample["json"]) if "json" in sample else {}
-            caption = meta.get("caption")
-        except (ValueError, UnicodeDecodeError, AttributeError):
-            caption = None
-        if not isinstance(caption, str) or not caption.strip():
+            meta = meta if isinstance(meta, dict) else {}
+        except (ValueError, UnicodeDecodeError, TypeError):
+            meta = {}
+        if len(self.members) < 100:
+            self.members.update(k for k in sample if not k.startswith("__"))
+            self.json_keys.update(list(meta)[:50])
+        caption = caption_of(sample, meta)
+        if caption is None:
             self.counts["no_caption"] += 1
             return None
         if self.min_aesthetic is not None:
-            score = meta.get("aesthetic_score")
-            if not isinstance(score, (int, float)) or score < self.min_aesthetic:
+            score = score_of(meta, self.aesthetic_key)
+            if score is None or score < self.min_aesthetic:
                 self.counts["filtered"] += 1
                 return None
         if key is None:
@@ -121,6 +154,8 @@ class SampleDecoder:
             return None
         try:
             with Image.open(io.BytesIO(sample[key])) as img:
+                # a large JPEG decodes at a reduced scale (1/2 ... 1/8) that still covers the resolution
+                img.draft(None, (self.resolution, self.resolution))
                 img.load()
                 img = resize_center_crop(to_rgb(ImageOps.exif_transpose(img)), self.resolution)
         except Exception:  # PIL raises many types on corrupt data; any of them means "skip this sample"
@@ -137,18 +172,23 @@ class SampleDecoder:
 
     def nothing_passes(self):
         c = self.counts
+        seen = (f" Members seen: {', '.join(sorted(self.members)) or 'none'}; json keys seen: "
+                f"{', '.join(sorted(self.json_keys)) or 'none'}.")
         hint = ""
         if c["filtered"] >= c["read"] // 2:
-            hint = (f" {c['filtered']} failed the aesthetic filter (json 'aesthetic_score' >= "
-                    f"{self.min_aesthetic}): lower --min_aesthetic, or pass --min_aesthetic -1 to turn it off.")
+            numeric = sorted(k for k in self.json_keys if k != self.aesthetic_key and "aesthetic" in k.lower())
+            other = f"pass --aesthetic_key {numeric[0]} or " if numeric else ""
+            hint = (f" {c['filtered']} failed the aesthetic filter (json {self.aesthetic_key!r} >= "
+                    f"{self.min_aesthetic}, a missing or non-numeric score counts as failing): {other}lower "
+                    "--min_aesthetic, or pass --min_aesthetic -1 to turn it off.")
         elif c["no_caption"] >= c["read"] // 2:
-            hint = f" {c['no_caption']} had no json 'caption': see the README's sample layout."
+            hint = f" {c['no_caption']} had no caption (json 'caption' or a .txt member)."
         elif c["bad_image"] >= c["read"] // 2:
             hint = f" {c['bad_image']} had no readable jpg/jpeg/png/webp image."
         elif c["bad_extra"] >= c["read"] // 2:
             hint = (f" {c['bad_extra']} lacked the script's extra input (e.g. the edge map named by --edge_key "
                     "is missing or unreadable).")
-        return f"no usable sample in the first {c['read']} read from --shards ({c}).{hint}"
+        return f"no usable sample in the first {c['read']} read from --shards ({c}).{hint}{seen}"
 
 
 class TarErrors:
@@ -168,14 +208,14 @@ class TarErrors:
         """Called by ResampledSlice before each shard: readable tars that hold no sample never raise an
         error, so without this check a resampled stream of them would spin forever."""
         if self.samples == 0 and shards_opened >= 50:
-            raise RuntimeError(f"--shards: {shards_opened} shards opened and not one sample in them "
+            raise RunError(f"--shards: {shards_opened} shards opened and not one sample in them "
                                f"({self.count} read errors); give webdataset tars of <key>.jpg + <key>.json")
 
     def __call__(self, exn):
         self.count += 1
         if self.decoder.counts["read"] == 0 and self.count >= 50:
-            raise RuntimeError(f"--shards: {self.count} read errors and not one sample read (last: {exn!r}); "
-                               "check that the shards are readable tar files")
+            raise RunError(f"--shards: {self.count} read errors and not one sample read (last: {exn}); check "
+                           "that the shards are readable tar files and that a pipe: command runs on its own")
         return True
 
 
@@ -226,9 +266,12 @@ class Loader:
 
     def __iter__(self):
         while True:
-            for batch in self.dataloader:
-                self.per_worker[batch.pop("_worker")] = batch.pop("_counts")
-                yield batch
+            try:
+                for batch in self.dataloader:
+                    self.per_worker[batch.pop("_worker")] = batch.pop("_counts")
+                    yield batch
+            except RunError as e:  # from a worker, DataLoader puts the worker's traceback in the message
+                raise RunError(str(e).rstrip().splitlines()[-1].partition("RunError: ")[2] or str(e)) from None
 
     @property
     def counts(self):
@@ -258,13 +301,13 @@ def shutdown_workers(dataloader):
 
 
 def make_loader(shards, resolution, batch_size, num_workers=4, min_aesthetic=None, seed=0, extra=None,
-                shuffle=1000, rank=0, world_size=1):
+                shuffle=1000, rank=0, world_size=1, aesthetic_key="aesthetic_score"):
     """The training stream of one rank: resampled shards, split by rank and worker, shuffled, decoded,
     filtered and batched without partial batches. `shards`: a list of URL patterns (already checked with
     expand_shards). `min_aesthetic` None (or negative) turns the aesthetic filter off."""
     if min_aesthetic is not None and min_aesthetic < 0:
         min_aesthetic = None
-    decoder = SampleDecoder(resolution, min_aesthetic, extra)
+    decoder = SampleDecoder(resolution, min_aesthetic, extra, aesthetic_key)
     tar_errors = TarErrors(decoder)
     dataset = wds.DataPipeline(
         ResampledSlice(expand_shards(shards), seed, rank, world_size, tar_errors.check_progress),
@@ -378,9 +421,11 @@ def make_lpips():
     try:
         return lpips.LPIPS(net="vgg", verbose=False)
     except Exception as e:
-        raise RuntimeError(
-            "--distill_loss lpips needs torchvision's VGG16 weights (vgg16-397923af.pth), which could not be "
-            f"loaded ({e!r}). Put the file in ~/.cache/torch/hub/checkpoints/ or use --distill_loss l2.") from e
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UsageError(
+            f"--distill_loss lpips needs torchvision's VGG16 weights, which could not be loaded ({type(e).__name__}: "
+            f"{first}); download https://download.pytorch.org/models/vgg16-397923af.pth into "
+            "~/.cache/torch/hub/checkpoints/ (or $TORCH_HOME/hub/checkpoints/), or use --distill_loss l2") from e
 
 
 def dmd_loss(x_hat, y, e_real, e_fake, alphas_cumprod_t2):

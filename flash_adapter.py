@@ -12,14 +12,9 @@ image (computed in the data pipeline, or read from the shard with --edge_key) an
 --adapter_conditioning_scale, go to every denoiser call: the student, both halves of the teacher's CFG,
 the DMD passes and the feature pass that feeds the discriminator (whose input includes the mid residual).
 
-Launch (defaults are the paper's adapter settings; phase lengths count generator updates):
-    # one GPU
-    python flash_adapter.py --shards "data/{00000..00999}.tar" --output_dir runs/flash_adapter
-    # one node, 8 GPUs
-    torchrun --standalone --nproc_per_node=8 flash_adapter.py --shards "data/{00000..00999}.tar"
-    # two nodes (the same command on each; $MASTER is the first node's address)
-    torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=flash --rdzv_backend=c10d \
-        --rdzv_endpoint=$MASTER:29500 flash_adapter.py --shards "data/{00000..00999}.tar"
+Launch (defaults are the paper's adapter settings; phase lengths count generator updates; more nodes: README.md):
+    python flash_adapter.py --shards "data/{00000..00999}.tar"  # one GPU
+    torchrun --standalone --nproc_per_node=8 flash_adapter.py --shards "data/{00000..00999}.tar"  # one node, 8 GPUs
 Use the result with a stock StableDiffusionXLAdapterPipeline and the same adapter:
 pipe.load_lora_weights(output_dir), LCMScheduler (timestep_spacing="trailing"), 4 steps, guidance_scale=0.
 """
@@ -27,38 +22,63 @@ import argparse
 import contextlib
 import io
 import itertools
+import json
+import logging
 import math
 import os
+import resource
+import shutil
+import signal
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionXLAdapterPipeline,
                        T2IAdapter, UNet2DConditionModel)
-from PIL import Image
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import common
 
-DEFAULT_PROMPTS = [
-    "a photograph of an astronaut riding a horse",
-    "a red fox in a snowy forest, golden hour",
-    "a bowl of ramen on a wooden table, studio lighting",
-    "a watercolor painting of a lighthouse on a cliff",
-]
+# ------------------------------------------------------------------------------------------------------
+# the paper's SDXL + T2I-Adapter settings (its released config); the flags take their defaults from here
+# ------------------------------------------------------------------------------------------------------
+MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+ADAPTER = "TencentARC/t2i-adapter-canny-sdxl-1.0"  # the frozen T2I-Adapter (canny edges)
+ADAPTER_SCALE = 0.8  # adapter_conditioning_scale: the weight of its residuals
+RESOLUTION = 1024  # training resolution (square)
+BATCH_SIZE = 2  # images per GPU per generator update
+NUM_TEACHER_STEPS = 16  # K: DPM-Solver++ steps of the teacher's full solve
+PHASE_STEPS = [2500, 2500, 2500, 2500]  # generator updates per phase
+GUIDANCE = (3.0, 13.0)  # teacher CFG scale w ~ U[min, max], one per batch
+DISTILL_WEIGHTS = [1.0, 1.0, 1.0, 1.0]  # lambda_dist per phase
+DMD_WEIGHTS = [0.0, 0.3, 0.5, 0.7]  # lambda_dmd per phase
+ADV_WEIGHTS = [0.0, 0.1, 0.2, 0.3]  # lambda_adv per phase
+LR = 1e-5  # AdamW, constant, for the LoRA and for the discriminator head
+LORA_RANK, LORA_ALPHA, LORA_INIT = 64, 64, "gaussian"  # scale alpha / r = 1
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of every transformer block
 GAN_TIMESTEPS = [10, 250, 500, 750]  # noise levels the discriminator sees, one drawn per sample
-# what --compile compiles, each in place. SDXL at 1024 px, batch 2 on an H200: the transformer blocks alone
-# (11 graphs, 40 s to compile) run a step in 2.11 s against 2.78 s eager; the ResNet blocks too (52 graphs,
-# 112 s) in 2.04 s, which repays their compile time within the first 1,000 steps
+MIN_AESTHETIC = -1.0  # no aesthetic filter (negative: off)
+
+DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse", "a red fox in a snowy forest, golden hour",
+                   "a bowl of ramen on a wooden table, studio lighting", "a watercolor painting of a lighthouse on a cliff"]
+# the repeated blocks --compile compiles in place (one graph per class and shape, seconds each)
 COMPILE_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+MAX_NONFINITE = 5  # non-finite losses in a row before training stops
 
 
 def parse_args(argv=None):
@@ -66,36 +86,36 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # data and model
-    a("--model", default="stabilityai/stable-diffusion-xl-base-1.0", help="hub id or local diffusers folder")
-    a("--adapter", default="TencentARC/t2i-adapter-canny-sdxl-1.0", help="T2I-Adapter: hub id or local folder")
-    a("--adapter_conditioning_scale", type=float, default=0.8, help="scale of the adapter's residuals")
+    a("--model", default=MODEL, help="hub id or local diffusers folder")
+    a("--adapter", default=ADAPTER, help="T2I-Adapter: hub id or local folder")
+    a("--adapter_conditioning_scale", type=float, default=ADAPTER_SCALE, help="scale of the adapter's residuals")
     a("--edge_key", default=None, help="shard key of a ready edge map (e.g. canny.png); default: canny of the image")
     a("--shards", nargs="+", required=True, help="webdataset tar shards: brace patterns, globs or pipe: URLs")
     a("--output_dir", default="runs/flash_adapter", help="metrics, samples, checkpoints and the final LoRA")
-    a("--resolution", type=int, default=1024, help="training resolution (square; short side resized, centre crop)")
-    a("--batch_size", type=int, default=2, help="images per GPU per generator update")
-    a("--min_aesthetic", type=float, default=-1.0, help="keep samples with json aesthetic_score >= this; <0: off")
+    a("--resolution", type=int, default=RESOLUTION, help="training resolution (square; short side resized, centre crop)")
+    a("--batch_size", type=int, default=BATCH_SIZE, help="images per GPU per generator update")
+    a("--min_aesthetic", type=float, default=MIN_AESTHETIC, help="keep samples with json aesthetic_score >= this; <0: off")
     a("--num_workers", type=int, default=4, help="data loading processes per GPU")
     # schedule: 4 phases (paper section 3.2)
-    a("--phase_steps", type=int, nargs=4, default=[2500] * 4, help="generator updates per phase")
-    a("--max_steps", type=int, default=None, help="stop early after this many updates (default: sum of phases)")
-    a("--num_teacher_steps", type=int, default=16, help="K: DPM-Solver++ steps of the teacher's full solve")
+    a("--phase_steps", type=int, nargs=4, default=PHASE_STEPS, help="generator updates per phase")
+    a("--max_steps", type=int, default=None, help="stop after this many updates (none: the sum of the phases)")
+    a("--num_teacher_steps", type=int, default=NUM_TEACHER_STEPS, help="K: DPM-Solver++ steps of the teacher's full solve")
     a("--timestep_distribution", default="mixture", choices=["mixture", "uniform", "gaussian"],
       help="start-index distribution over the K solver steps (uniform/gaussian: the paper's ablations)")
-    a("--guidance_min", type=float, default=3.0, help="teacher CFG scale w ~ U[min, max], one per batch")
-    a("--guidance_max", type=float, default=13.0, help="see --guidance_min")
+    a("--guidance_min", type=float, default=GUIDANCE[0], help="teacher CFG scale w ~ U[min, max], one per batch")
+    a("--guidance_max", type=float, default=GUIDANCE[1], help="see --guidance_min")
     # losses
     a("--distill_loss", default="lpips", choices=["lpips", "l2", "l1"], help="student vs teacher output")
-    a("--distill_weights", type=float, nargs=4, default=[1.0, 1.0, 1.0, 1.0], help="lambda_dist per phase")
-    a("--dmd_weights", type=float, nargs=4, default=[0.0, 0.3, 0.5, 0.7], help="lambda_dmd per phase")
-    a("--adv_weights", type=float, nargs=4, default=[0.0, 0.1, 0.2, 0.3], help="lambda_adv per phase")
+    a("--distill_weights", type=float, nargs=4, default=DISTILL_WEIGHTS, help="lambda_dist per phase")
+    a("--dmd_weights", type=float, nargs=4, default=DMD_WEIGHTS, help="lambda_dmd per phase")
+    a("--adv_weights", type=float, nargs=4, default=ADV_WEIGHTS, help="lambda_adv per phase")
     a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"], help="adversarial loss")
     a("--teacher_as_real", action="store_true", help="discriminator's real samples: teacher outputs, not data")
     # optimisation
-    a("--lr", type=float, default=1e-5, help="AdamW learning rate of the LoRA (constant)")
-    a("--lr_disc", type=float, default=1e-5, help="AdamW learning rate of the discriminator head (constant)")
-    a("--lora_rank", type=int, default=64, help="LoRA rank r")
-    a("--lora_alpha", type=float, default=64, help="LoRA alpha (scale = alpha / r)")
+    a("--lr", type=float, default=LR, help="AdamW learning rate of the LoRA (constant)")
+    a("--lr_disc", type=float, default=LR, help="AdamW learning rate of the discriminator head (constant)")
+    a("--lora_rank", type=int, default=LORA_RANK, help="LoRA rank r")
+    a("--lora_alpha", type=float, default=LORA_ALPHA, help="LoRA alpha (scale = alpha / r)")
     a("--mixed_precision", default="bf16", choices=["bf16", "no"], help="bf16 autocast (frozen weights in bf16 on GPU)")
     a("--compile", action="store_true", help="compile the transformer and ResNet blocks in place (the first steps compile)")
     a("--gradient_checkpointing", action="store_true", help="trade compute for memory (advised under 40 GB)")
@@ -111,10 +131,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def checkpoints(output_dir):
+    """The complete checkpoint folders, oldest first (a step_NNNNNN.tmp folder is an interrupted write)."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if n.startswith("step_")
+             and n[5:].isdigit() and os.path.isfile(os.path.join(root, n, "training_state.pt"))]
+    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[5:]))]
+
+
 def check_args(args):
     """Everything that can be checked before a model is loaded; a UsageError names the flag and the fix.
     Returns the checkpoint folder to resume from, or None."""
-    common.check_run_args(args)
+    for flag in ("batch_size", "resolution", "log_every", "sample_every", "checkpoint_every", "max_steps",
+                 "lora_rank", "lora_alpha", "lr", "lr_disc"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise common.UsageError(f"--{flag} must be positive")
+    if args.num_workers < 0 or args.keep_checkpoints < 0:
+        raise common.UsageError("--num_workers and --keep_checkpoints must not be negative")
+    if args.guidance_min > args.guidance_max:
+        raise common.UsageError("--guidance_min must not exceed --guidance_max")
+    if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
+        raise common.UsageError("--phase_steps: four non-negative batch counts with a positive sum")
+    for p, n in enumerate(args.phase_steps):
+        if n and max(args.distill_weights[p], args.dmd_weights[p], args.adv_weights[p]) <= 0:
+            raise common.UsageError(f"phase {p} has no positive loss weight: raise one of --distill_weights, "
+                                    "--dmd_weights, --adv_weights for it")
+    if not 4 <= args.num_teacher_steps <= 1000:  # the mixture's 4 modes sit at multiples of K // 4
+        raise common.UsageError("--num_teacher_steps: K must be between 4 and 1000")
+    common.expand_shards(args.shards)
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
         T2IAdapter.load_config(args.adapter)
@@ -130,10 +174,24 @@ def check_args(args):
     down = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
     factor = math.lcm(8, down)
     if args.resolution % factor:
-        example = max(factor, args.resolution // factor * factor)
         raise common.UsageError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model "
-                                f"(VAE and UNet downsampling), e.g. {example}")
-    return common.resolve_resume(args.resume, args.output_dir)
+                                f"(VAE and UNet downsampling), e.g. {max(factor, args.resolution // factor * factor)}")
+    # resume, or refuse to mix a new run into an old one
+    found = checkpoints(args.output_dir)
+    if args.resume == "latest":
+        if not found:
+            raise common.UsageError(f"--resume latest: no checkpoint in {args.output_dir}/checkpoints; "
+                                    "drop --resume to start a new run")
+        return found[-1]
+    if args.resume:
+        if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
+            raise common.UsageError(f"--resume {args.resume}: no training_state.pt there; give a "
+                                    "checkpoints/step_NNNNNN folder or 'latest'")
+        return args.resume
+    if (found or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))) and not args.overwrite:
+        raise common.UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume latest to "
+                                "continue it, --overwrite to start over there, or choose another --output_dir")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -171,18 +229,19 @@ def edge_input(sample, img, resolution, edge_key, channels):
 # the backbone: loading, text encoding, denoiser calls, features for the discriminator
 # ------------------------------------------------------------------------------------------------------
 
-def load_models(args, device, weight_dtype):
+def build(args, device):
+    """Everything a training step reads, loaded once. The student is the UNet with its LoRA; the teacher is
+    the same UNet with the LoRA disabled (`teacher_mode`): one copy of the weights."""
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
     tokenizers = [CLIPTokenizer.from_pretrained(args.model, subfolder=f) for f in ("tokenizer", "tokenizer_2")]
-    text_encoders = [CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", dtype=weight_dtype),
-                     CLIPTextModelWithProjection.from_pretrained(args.model, subfolder="text_encoder_2",
-                                                                 dtype=weight_dtype)]
+    text_encoders = [CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", dtype=dtype),
+                     CLIPTextModelWithProjection.from_pretrained(args.model, subfolder="text_encoder_2", dtype=dtype)]
     # bf16 on GPU: SDXL's VAE overflows in fp16 (hence the fp32 upcast of stock pipelines), not in bf16
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=weight_dtype)
-    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", dtype=weight_dtype)
-    for m in (*text_encoders, vae, unet):
-        m.requires_grad_(False).eval().to(device)
-    # student = unet + LoRA; teacher = the same unet with the LoRA disabled (one copy of the weights)
-    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian",
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", dtype=dtype)
+    for module in (*text_encoders, vae, unet):
+        module.requires_grad_(False).eval().to(device)
+    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=LORA_INIT,
                                 target_modules=LORA_TARGETS))
     for p in unet.parameters():
         if p.requires_grad:
@@ -194,8 +253,24 @@ def load_models(args, device, weight_dtype):
     teacher_sched = DPMSolverMultistepScheduler.from_config(
         sched_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
         final_sigmas_type="zero")
-    adapter = T2IAdapter.from_pretrained(args.adapter, dtype=weight_dtype).requires_grad_(False).eval().to(device)
-    return tokenizers, text_encoders, vae, unet, adapter, teacher_sched, sched_config
+    adapter = T2IAdapter.from_pretrained(args.adapter, dtype=dtype).requires_grad_(False).eval().to(device)
+    # the discriminator head, sized from the mid-block feature shape at this resolution
+    latent = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    with torch.no_grad(), teacher_mode(unet):
+        z = torch.zeros(1, unet.config.in_channels, latent, latent, device=device, dtype=dtype)
+        probe = zero_uncond(encode_text(tokenizers, text_encoders, [""], args.resolution, device))
+        edges = torch.zeros(1, adapter.config.in_channels, args.resolution, args.resolution, device=device, dtype=dtype)
+        probe["adapter"] = adapter_residuals(adapter, edges, args.adapter_conditioning_scale)
+        f = mid_features(unet, z, torch.zeros(1, device=device, dtype=torch.long), probe)
+    lpips = common.make_lpips().to(device).requires_grad_(False).eval() if args.distill_loss == "lpips" else None
+    return SimpleNamespace(
+        device=device, tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, unet=unet, adapter=adapter,
+        teacher_sched=teacher_sched, sched_config=sched_config, lpips=lpips,
+        alphas_cumprod=teacher_sched.alphas_cumprod.to(device, torch.float32),
+        disc=make_discriminator(f.shape[1], f.shape[-1]).to(device),
+        decode=lambda z: vae.decode(z / vae.config.scaling_factor).sample,
+        start_probs=[common.start_index_probs(args.num_teacher_steps, pi, args.timestep_distribution)
+                     for pi in common.MODE_PROBS])
 
 
 @torch.no_grad()
@@ -291,7 +366,7 @@ def teacher_solve(m, x_t, k, cond, uncond, w):
 
 
 def make_discriminator(ch, size):
-    """Adapter head (METHOD.md section 6) for (ch, size, size) mid-block features: 32x32 at 1024 px goes
+    """Adapter head (the released config) for (ch, size, size) mid-block features: 32x32 at 1024 px goes
     through three k4 s2 convs to 4x4, then one logit. Smaller maps (lower resolutions, tiny test models)
     skip the strided convs that would shrink them below 4x4 (k3 s1 instead) and end in a logit map."""
     layers, c_in = [], ch
@@ -305,18 +380,19 @@ def make_discriminator(ch, size):
 
 
 # ------------------------------------------------------------------------------------------------------
-# one training step (METHOD.md section 3)
+# one training step (paper section 3, Algorithm 1)
 # ------------------------------------------------------------------------------------------------------
 
-def train_step(m, batch, step, args, stop_requested=False):
-    """One batch: one forward, a generator (LoRA) update, a discriminator update. `m` holds the models
-    (see main). Returns ({loss name: tensor}, updated?, stop?)."""
+def train_step(m, student, disc, batch, step, args):
+    """One batch: one forward, then the generator's and the discriminator's backward; the loop steps the
+    optimizers. `student` and `disc` are the DDP-wrapped UNet and head (the plain ones in one process).
+    Returns {loss name: detached tensor}."""
     dev, abar = m.device, m.alphas_cumprod
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
     phase = common.phase_of(step, args.phase_steps)
     B = batch["pixel_values"].shape[0]
 
-    # 1. data: latents and text conditioning
+    # 1. data: latents, text conditioning and the adapter's residuals
     with torch.no_grad(), autocast:
         pixels = batch["pixel_values"].to(dev, non_blocking=True)
         z0 = m.vae.encode(pixels).latent_dist.sample().float() * m.vae.config.scaling_factor
@@ -336,7 +412,7 @@ def train_step(m, batch, step, args, stop_requested=False):
 
     # 3. student: one step, with the LCM boundary scalings
     with autocast:
-        eps_s = denoise(m.student, x_t, t, cond)
+        eps_s = denoise(student, x_t, t, cond)
     a = common.bcast(abar[t], x_t)
     x0_s = (x_t - (1 - a).sqrt() * eps_s) / a.sqrt()
     c_skip, c_out = (common.bcast(c, x_t) for c in common.lcm_boundary(t.float()))
@@ -377,35 +453,27 @@ def train_step(m, batch, step, args, stop_requested=False):
             m.disc.requires_grad_(False)  # D is not trained by the generator's loss
             losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
     loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
-    m.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     m.disc.requires_grad_(True)
 
-    # 6. discriminator update on the detached fake (and real) features, in every phase
+    # 6. discriminator on the detached fake (and real) features, in every phase
     with autocast:
-        logits_real, logits_fake = m.disc_ddp(torch.cat([f_real, f_fake]).detach()).float().chunk(2)
+        logits_real, logits_fake = disc(torch.cat([f_real, f_fake]).detach()).float().chunk(2)
         losses["disc"] = common.gan_d_loss(logits_real, logits_fake, args.gan_loss)
-    m.opt_d.zero_grad(set_to_none=True)
     losses["disc"].backward()
-
-    # 7. skip both updates if any rank saw a non-finite loss (one small all-reduce, also carrying stop)
-    nonfinite, stop = common.check_finite_and_stop([loss_g, losses["disc"]], stop_requested, dev)
-    if not nonfinite:
-        m.opt_g.step()
-        m.opt_d.step()
     losses.update(loss_g=loss_g, t=t[0].float(), w=torch.tensor(w, device=dev))
-    return {k_: v.detach() for k_, v in losses.items()}, not nonfinite, stop
+    return {name: v.detach() for name, v in losses.items()}
 
 
 # ------------------------------------------------------------------------------------------------------
-# validation, export, checkpoints
+# validation and export
 # ------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_grid(m, args, step):
     """The edge map, the teacher with the adapter (DPM-Solver++, 25 steps, CFG 7.5) and the student (LCM,
     1/2/4 steps, no CFG), on the validation prompts paired with the first training batch's edge maps, with a
-    fixed generator; rows are prompts."""
+    fixed generator; rows are prompts. Returns the PNG's path."""
     pipe = StableDiffusionXLAdapterPipeline(
         vae=m.vae, text_encoder=m.text_encoders[0], text_encoder_2=m.text_encoders[1], tokenizer=m.tokenizers[0],
         tokenizer_2=m.tokenizers[1], unet=m.unet, adapter=m.adapter, force_zeros_for_empty_prompt=True,
@@ -420,17 +488,23 @@ def sample_grid(m, args, step):
         with autocast:
             return pipe(args.validation_prompts, image=edges, num_inference_steps=steps, guidance_scale=guidance,
                         adapter_conditioning_scale=args.adapter_conditioning_scale, generator=g,
-                        height=args.resolution, width=args.resolution).images
+                        height=args.resolution, width=args.resolution, output_type="pt").images.float().cpu()
 
     columns = {f"student {n} step{'s' * (n > 1)}": run(n, 0.0) for n in (1, 2, 4)}
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(m.sched_config, algorithm_type="dpmsolver++")
     with teacher_mode(m.unet):
         columns = {"teacher 25 steps": run(25, 7.5), **columns}
-    edge_images = [Image.fromarray((e[0].float().cpu().numpy() * 255).astype(np.uint8)).convert("RGB") for e in edges]
-    columns = {"edges": edge_images, **columns}
-    grid = common.image_grid([list(r) for r in zip(*columns.values())], labels=list(columns))
+    columns = {"edges": edges[:, :1].float().cpu().expand(-1, 3, -1, -1), **columns}
+    images = torch.stack(list(columns.values()), 1).flatten(0, 1)  # prompt-major: one row per prompt
+    if images.shape[-1] < 128:  # tiny models: upscaled so the pictures and the labels can be seen
+        images = F.interpolate(images, scale_factor=128 // images.shape[-1], mode="nearest")
+    grid = to_pil_image(make_grid(images, nrow=len(columns), padding=0))
+    page = Image.new("RGB", (grid.width, grid.height + 14), "white")
+    page.paste(grid, (0, 14))
+    for j, label in enumerate(columns):
+        ImageDraw.Draw(page).text((j * images.shape[-1] + 2, 1), label, fill="black")
     path = os.path.join(args.output_dir, "samples", f"step_{step:06d}.png")
-    grid.save(path)
+    page.save(path)
     return path
 
 
@@ -443,88 +517,189 @@ def export_lora(unet, out_dir):
 
 
 # ------------------------------------------------------------------------------------------------------
-# main
+# main: processes, models, optimizers, resume, the loop with its metrics, samples and checkpoints
 # ------------------------------------------------------------------------------------------------------
-
-class Models:
-    """Plain holder of what a training step needs (no behaviour)."""
-
 
 def main(argv=None):
     args = parse_args(argv)
     resume_dir = check_args(args)
-    rank, world_size, device, log = common.start_run(args)
 
-    m = Models()
-    m.args, m.device = args, device
-    m.lpips = common.make_lpips().to(device).requires_grad_(False).eval() if args.distill_loss == "lpips" else None
-    weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
-    models = load_models(args, device, weight_dtype)
-    m.tokenizers, m.text_encoders, m.vae, m.unet, m.adapter, m.teacher_sched, m.sched_config = models
-    m.alphas_cumprod = m.teacher_sched.alphas_cumprod.to(device, torch.float32)
-    m.decode = lambda z: m.vae.decode(z / m.vae.config.scaling_factor).sample
-    m.start_probs = [common.start_index_probs(args.num_teacher_steps, pi, args.timestep_distribution)
-                     for pi in common.MODE_PROBS]
+    # processes: torchrun sets RANK (one process per device, nccl on CUDA, gloo on CPU); else a single one
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    barrier = dist.barrier if ddp else (lambda: None)
+    if rank == 0:
+        if args.overwrite and not args.resume:
+            for name in ("checkpoints", "samples", "metrics.jsonl", "log.txt"):
+                path = os.path.join(args.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        for sub in ("samples", "checkpoints"):
+            os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
+    barrier()
+    # rank 0 logs to the terminal (above the progress bar) and to log.txt; the other ranks stay quiet
+    log = logging.getLogger("flash_adapter")
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    handlers = [logging.StreamHandler(), logging.FileHandler(os.path.join(args.output_dir, "log.txt"))] if rank == 0 else []
+    for h in handlers or [logging.NullHandler()]:
+        h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)  # the LoRA and the head start identical on every rank
 
-    # discriminator head, sized from the mid-block feature shape at this resolution
-    latent = args.resolution // 2 ** (len(m.vae.config.block_out_channels) - 1)
-    with torch.no_grad(), teacher_mode(m.unet):
-        z = torch.zeros(1, m.unet.config.in_channels, latent, latent, device=device, dtype=weight_dtype)
-        probe = zero_uncond(encode_text(m.tokenizers, m.text_encoders, [""], args.resolution, device))
-        edges = torch.zeros(1, m.adapter.config.in_channels, args.resolution, args.resolution, device=device)
-        probe["adapter"] = adapter_residuals(m.adapter, edges.to(weight_dtype), args.adapter_conditioning_scale)
-        f = mid_features(m.unet, z, torch.zeros(1, device=device, dtype=torch.long), probe)
-    m.disc = make_discriminator(f.shape[1], f.shape[-1]).to(device)
-    if args.compile:  # in place, before DDP wraps the student
-        common.compile_blocks(m.unet, COMPILE_BLOCKS)
-    m.student, m.disc_ddp, m.opt_g, m.opt_d, step, counters = common.make_trainable(
-        m.unet, m.disc, args, device, world_size, resume_dir, log)
+    m = build(args, device)
+    if args.compile:  # regional: each repeated block compiled in place, so saved keys carry no prefix
+        blocks = [b for b in m.unet.modules() if type(b).__name__ in COMPILE_BLOCKS]
+        if not blocks:
+            raise common.UsageError(f"--compile: no {' or '.join(COMPILE_BLOCKS)} in this UNet; name its "
+                                    "repeated block classes in COMPILE_BLOCKS")
+        for block in blocks:
+            block.compile(dynamic=False)
+        # every compiled block shares one frame (Module._call_impl): room for each (class, shape, grad mode,
+        # LoRA on/off) graph, past which dynamo would silently fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    # DDP wraps only what trains: the student's calls (its LoRA gradients) and the discriminator head
+    ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
+    student = DDP(m.unet, **ddp_kw) if ddp else m.unet
+    disc = DDP(m.disc, **ddp_kw) if ddp else m.disc
+    lora = [p for p in m.unet.parameters() if p.requires_grad]
+    fused = dict(fused=True) if device.type == "cuda" else {}
+    opt_g = torch.optim.AdamW(lora, lr=args.lr, **fused)
+    opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.lr_disc, **fused)
+    log.info(f"LoRA {sum(p.numel() for p in lora) / 1e6:.2f}M + discriminator "
+             f"{sum(p.numel() for p in m.disc.parameters()) / 1e6:.2f}M trainable parameters; "
+             f"{world_size} process(es) on {device.type}")
+
+    step, nonfinite = 0, 0
+    if resume_dir:  # the LoRA's shape and scale and the model must match; other flags may change
+        state = torch.load(os.path.join(resume_dir, "training_state.pt"), map_location="cpu", weights_only=True)
+        for flag in ("model", "lora_rank", "lora_alpha"):
+            if state["config"][flag] != getattr(args, flag):
+                raise common.UsageError(f"--resume: the checkpoint has --{flag} {state['config'][flag]}, this run "
+                                        f"{getattr(args, flag)}; resume with the same value")
+        set_peft_model_state_dict(m.unet, state["lora"])
+        m.disc.load_state_dict(state["disc"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        for opt, lr in ((opt_g, args.lr), (opt_d, args.lr_disc)):
+            for group in opt.param_groups:
+                group["lr"] = lr  # the command line wins over the saved learning rate
+        step, nonfinite = state["step"], state["nonfinite"]
+        changed = {k: (state["config"].get(k), v) for k, v in vars(args).items()
+                   if k not in ("resume", "overwrite") and state["config"].get(k) != v}
+        log.info(f"resumed from {resume_dir} at step {step}; flags changed since (saved, now): {changed}")
+    # each rank draws its own noise; a resumed run draws new noise and reads new samples
+    torch.manual_seed(args.seed + rank + 100_003 * step)
     total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
     extra = partial(edge_input, resolution=args.resolution, edge_key=args.edge_key,
                     channels=m.adapter.config.in_channels)
-    loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers,
-                                args.min_aesthetic, seed=args.seed + 100_003 * step, extra=extra)
+    loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers, args.min_aesthetic,
+                                seed=args.seed + 100_003 * step, rank=rank, world_size=world_size, extra=extra)
 
-    stop_signal = common.StopSignal()
-    tally, last = common.Tally(counters), {}
+    # SIGTERM (torchrun, SLURM) and Ctrl-C: finish the step, agree across ranks, checkpoint, stop
+    stop_requested = False
+
+    def on_signal(signum, frame):
+        nonlocal stop_requested
+        if stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        stop_requested = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="flash_adapter", dynamic_ncols=True)
+    sums, n_sums, in_a_row, t_log = {}, 0, 0, time.time()
     data = iter(loader)
     try:
         first = next(data)
         m.val_edges = first["edges"][: len(args.validation_prompts)]  # the validation grids' edge maps
         data = itertools.chain([first], data)
-        while step < total:
-            t_step = time.time()
-            losses, updated, stop = train_step(m, next(data), step, args, stop_signal.requested)
-            step += tally.record(losses, updated, time.time() - t_step, step, log, args.output_dir)
-            bar.update(int(updated))
-            if updated and (step % args.log_every == 0 or step == total):
-                last = tally.flush(args, step, loader, device, log)
-                bar.set_postfix(g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
-            if updated and (step % args.sample_every == 0 or step == total):
+        with logging_redirect_tqdm(loggers=[log]):  # log lines above the progress bar
+            while step < total:
+                losses = train_step(m, student, disc, next(data), step, args)
+                # 7. one small all-reduce: did any rank see a non-finite loss, did any rank get a stop signal
+                flags = torch.stack([~(torch.isfinite(losses["loss_g"]) & torch.isfinite(losses["disc"])),
+                                     torch.tensor(stop_requested, device=device)]).float()
+                if ddp:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                bad, stop = flags.tolist()  # the loop's one host sync: every rank takes the same branch
+                if bad:  # skip both updates
+                    nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                    log.info(f"step {step}: non-finite loss, update skipped ({in_a_row} in a row)")
+                    if in_a_row >= MAX_NONFINITE:
+                        raise RuntimeError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; the last good "
+                                           f"checkpoint is in {args.output_dir}/checkpoints. Try a lower --lr, "
+                                           "--mixed_precision no, or check the data.")
+                else:
+                    opt_g.step()
+                    opt_d.step()
+                    step, in_a_row, n_sums = step + 1, 0, n_sums + 1
+                    sums = {name: sums.get(name, 0) + v for name, v in losses.items()}
+                    bar.update()
+                opt_g.zero_grad(set_to_none=True)
+                opt_d.zero_grad(set_to_none=True)
+                done = step == total
+                if not bad and (step % args.log_every == 0 or done):  # losses averaged over steps and ranks
+                    names, counts = sorted(sums), loader.counts
+                    avg = torch.stack([sums[k].float() for k in names]) / n_sums
+                    seen = torch.tensor([float(counts[k]) for k in sorted(counts)], device=device)
+                    if ddp:
+                        dist.all_reduce(avg)
+                        dist.all_reduce(seen)
+                    last = dict(zip(names, (avg / world_size).tolist()))
+                    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+                    record = dict(step=step, phase=common.phase_of(step - 1, args.phase_steps), K=args.num_teacher_steps,
+                                  **last, it_per_s=n_sums / (time.time() - t_log), peak_mem_gb=peak, nonfinite=nonfinite,
+                                  data=dict(zip(sorted(counts), map(int, seen.tolist()))))
+                    if rank == 0:
+                        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                    bar.set_postfix(g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
+                    sums, n_sums, t_log = {}, 0, time.time()
+                if not bad and (step % args.sample_every == 0 or done):
+                    if rank == 0:
+                        log.info(f"samples: {sample_grid(m, args, step)}")
+                    barrier()
+                if stop or not bad and (step % args.checkpoint_every == 0 or done):
+                    if rank == 0:  # written under a temporary name and renamed when complete
+                        final = os.path.join(args.output_dir, "checkpoints", f"step_{step:06d}")
+                        shutil.rmtree(final + ".tmp", ignore_errors=True)
+                        os.makedirs(final + ".tmp")
+                        torch.save(dict(step=step, nonfinite=nonfinite, config=vars(args),
+                                        lora=get_peft_model_state_dict(m.unet), disc=m.disc.state_dict(),
+                                        opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()),
+                                   os.path.join(final + ".tmp", "training_state.pt"))
+                        export_lora(m.unet, final + ".tmp")
+                        shutil.rmtree(final, ignore_errors=True)
+                        os.rename(final + ".tmp", final)
+                        for old in checkpoints(args.output_dir)[:-args.keep_checkpoints] if args.keep_checkpoints else []:
+                            shutil.rmtree(old, ignore_errors=True)
+                        log.info(f"checkpoint at step {step}")
+                    barrier()
+                if stop:
+                    log.info(f"stop requested: saved step {step}; continue with --resume latest")
+                    break
+            if step >= total:
                 if rank == 0:
-                    log.info(f"samples: {sample_grid(m, args, step)}")
-                common.barrier()
-            if updated and (step % args.checkpoint_every == 0 or step == total) or stop:
-                state = common.training_state(m.unet, m.disc, m.opt_g, m.opt_d, args, step, counters, device)
-                common.save_checkpoint(args.output_dir, step, state,
-                                       partial(export_lora, m.unet), args.keep_checkpoints)
-                log.info(f"checkpoint at step {step}")
-            if stop:
-                log.info(f"stop requested: saved step {step}; continue with --resume latest")
-                break
-        if step >= total:
-            if rank == 0:
-                export_lora(m.unet, args.output_dir)
-                log.info(f"done: LoRA in {args.output_dir}/pytorch_lora_weights.safetensors")
-            common.barrier()
+                    export_lora(m.unet, args.output_dir)
+                    log.info(f"done: LoRA in {args.output_dir}/pytorch_lora_weights.safetensors")
+                barrier()
     finally:
         loader.close()  # stop the data workers now, even if a traceback keeps this frame alive
         bar.close()
-        stop_signal.restore()
-        common.cleanup_distributed()
-    m.step, m.last, m.counters = step, last, counters
-    return m
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if ddp:
+            dist.destroy_process_group()
+    return m, step
 
 
 if __name__ == "__main__":

@@ -127,9 +127,9 @@ def parse_args(argv=None):
 def checkpoints(output_dir):
     """The complete checkpoint folders, oldest first (a step_NNNNNN.tmp folder is an interrupted write)."""
     root = os.path.join(output_dir, "checkpoints")
-    names = sorted((n for n in (os.listdir(root) if os.path.isdir(root) else []) if n[5:].isdigit()
-                    and os.path.isfile(os.path.join(root, n, "training_state.pt"))), key=lambda n: int(n[5:]))
-    return [os.path.join(root, n) for n in names]
+    names = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if n.startswith("step_")
+             and n[5:].isdigit() and os.path.isfile(os.path.join(root, n, "training_state.pt"))]
+    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[5:]))]
 
 
 def check_args(args):
@@ -437,16 +437,13 @@ def main(argv=None):
     resume_dir = check_args(args)
 
     # processes: torchrun sets RANK (one process per device, nccl on CUDA, gloo on CPU); else a single one
-    ddp = "RANK" in os.environ
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     if ddp:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                device_id=device if device.type == "cuda" else None)
-        rank, world_size = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world_size, device = 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     barrier = dist.barrier if ddp else (lambda: None)
     if rank == 0:
         if args.overwrite and not args.resume:
@@ -461,8 +458,8 @@ def main(argv=None):
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.INFO)
-    handlers = [logging.StreamHandler(), logging.FileHandler(os.path.join(args.output_dir, "log.txt"))]
-    for h in handlers if rank == 0 else [logging.NullHandler()]:
+    handlers = [logging.StreamHandler(), logging.FileHandler(os.path.join(args.output_dir, "log.txt"))] if rank == 0 else []
+    for h in handlers or [logging.NullHandler()]:
         h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
         log.addHandler(h)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

@@ -26,22 +26,61 @@ FlowMatchLCMScheduler.from_config(pipe.scheduler.config, shift=1.0), sigmas=[1.0
 """
 import argparse
 import contextlib
+import json
+import logging
 import os
+import resource
+import shutil
+import signal
 import time
 from functools import partial
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, SD3Transformer2DModel,
                        StableDiffusion3Pipeline)
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from PIL import Image, ImageDraw
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torchvision.transforms.functional import to_pil_image
+from torchvision.utils import make_grid
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 from transformers.utils import cached_file
 
 import common
+
+# ------------------------------------------------------------------------------------------------------
+# the paper's SD3 settings (its released config); the flags take their defaults from here
+# ------------------------------------------------------------------------------------------------------
+MODEL = "stabilityai/stable-diffusion-3-medium-diffusers"  # SD3-medium
+RESOLUTION = 1024  # training resolution (square)
+BATCH_SIZE = 2  # images per GPU per generator update
+NUM_TEACHER_STEPS = 32  # K: flow-matching Euler steps of the teacher's full solve
+PHASE_STEPS = [2500, 2500, 2500, 2500]  # generator updates per phase
+GUIDANCE = (7.0, 13.0)  # teacher CFG scale w ~ U[min, max], one per batch
+DISTILL_WEIGHTS = [1.0, 1.0, 1.0, 1.0]  # lambda_dist per phase
+DMD_WEIGHTS = [0.0, 0.3, 0.5, 0.7]  # lambda_dmd per phase
+ADV_WEIGHTS = [0.0, 0.1, 0.3, 0.5]  # lambda_adv per phase
+LR = 1e-5  # AdamW, constant, for the LoRA and for the discriminator head
+LORA_RANK, LORA_ALPHA, LORA_INIT = 64, 8, True  # PEFT's default init: B = 0, the student starts as the teacher
+# PixArt's list. On SD3-medium: in each block attn.to_q/k/v/out.0, ff.net.0.proj, ff.net.2, ff_context.net.0.proj
+# and the adaLN norm1(_context).linear; the patch conv, the timestep and pooled-text embedders, norm_out.linear
+# and proj_out (with the head: the paper's published 90.4M trainable parameters at rank 64)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "proj",
+                "linear", "linear_1", "linear_2"]
+GAN_INDICES = [-10, -250, -500, -750]  # training-grid sigmas the discriminator sees: 0.029, 0.5, 0.75, 0.9 (shift 3)
+MIN_AESTHETIC = 6.0  # keep samples with json aesthetic_score >= this
+# the unconditional input of the released Flash SD3 (gojasper/flash-diffusion, flash_sd3 model code)
+NEGATIVE_PROMPT = ("deformed, distorted, disfigured, poorly drawn, bad anatomy, wrong anatomy, extra limb, missing "
+                   "limb, floating limbs, mutated hands and fingers, disconnected limbs, mutation, mutated, ugly, "
+                   "disgusting, blurry, amputation, NSFW")
+T5_TOKENS = 256  # the stock pipeline's max_sequence_length; also the number of zero tokens without T5
 
 DEFAULT_PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -49,27 +88,9 @@ DEFAULT_PROMPTS = [
     "a bowl of ramen on a wooden table, studio lighting",
     "a watercolor painting of a lighthouse on a cliff",
 ]
-# the unconditional input of the released Flash SD3 (gojasper/flash-diffusion, flash_sd3 model code)
-NEGATIVE_PROMPT = ("deformed, distorted, disfigured, poorly drawn, bad anatomy, wrong anatomy, extra limb, missing "
-                   "limb, floating limbs, mutated hands and fingers, disconnected limbs, mutation, mutated, ugly, "
-                   "disgusting, blurry, amputation, NSFW")
-# PixArt's list. On SD3-medium it matches, in each of the 24 blocks, attn.to_q/to_k/to_v/to_out.0, ff.net.0.proj,
-# ff.net.2, ff_context.net.0.proj and the adaLN norm1.linear/norm1_context.linear; plus pos_embed.proj (the patch
-# conv), the timestep and pooled-text embedders' linear_1/linear_2, norm_out.linear and proj_out. The context
-# stream's add_q/k/v_proj, to_add_out, ff_context.net.2 and context_embedder match nothing. At rank 64 that is
-# 87.6M parameters, + 2.8M for the head = the published 90.4M.
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "proj",
-                "linear", "linear_1", "linear_2"]
-T5_TOKENS = 256  # the stock pipeline's max_sequence_length; also the number of zero tokens without T5
-GAN_INDICES = [-10, -250, -500, -750]  # training-grid sigmas the discriminator sees: 0.029, 0.5, 0.75, 0.9 (shift 3)
-COMPILE_BLOCKS = ("JointTransformerBlock",)  # what --compile compiles, each in place
-# Where the student samples, and so where it should train most. The mixture's modes sit at indices 0, K/4, K/2,
-# 3K/4 of the teacher's grid: sigmas 1.0, 0.8965, 0.7389, 0.4700 for K = 32, shift 3. The stock FlowMatchLCM
-# 4-step sigmas are 1.0, 0.8577, 0.6022, 0.0089: two fall between modes, where the mixture (var 0.5) puts ~1e-4 of
-# its mass, and the last is nearly clean (a wasted step). Moving the modes there instead would spend half of the
-# warm-up and 20-30 % of later phases at sigma = 0.0089, where x_hat = x_t to within 1 %. So the mixture keeps
-# its modes and the student samples at them: n steps at indices 0, K/n, 2K/n, ... (for n = 4 the modes, for 1
-# and 2 a subset), the flow-matching analogue of the trailing LCM grid (t = 999/749/499/249) of the epsilon scripts.
+# the repeated blocks --compile compiles in place (one graph per class and shape, seconds each)
+COMPILE_BLOCKS = ("JointTransformerBlock",)
+MAX_NONFINITE = 5  # non-finite losses in a row before training stops
 
 
 def parse_args(argv=None):
@@ -77,35 +98,36 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # data and model
-    a("--model", default="stabilityai/stable-diffusion-3-medium-diffusers", help="hub id or local diffusers folder")
+    a("--model", default=MODEL, help="hub id or local diffusers folder")
     a("--shards", nargs="+", required=True, help="webdataset tar shards: brace patterns, globs or pipe: URLs")
     a("--output_dir", default="runs/flash_sd3", help="metrics, samples, checkpoints and the final LoRA")
-    a("--resolution", type=int, default=1024, help="training resolution (square; short side resized, centre crop)")
-    a("--batch_size", type=int, default=2, help="images per GPU per generator update")
-    a("--min_aesthetic", type=float, default=6.0, help="keep samples with json aesthetic_score >= this; <0: off")
+    a("--resolution", type=int, default=RESOLUTION, help="training resolution (square; short side resized, centre crop)")
+    a("--batch_size", type=int, default=BATCH_SIZE, help="images per GPU per generator update")
+    a("--min_aesthetic", type=float, default=MIN_AESTHETIC, help="keep samples with json aesthetic_score >= this; <0: off")
     a("--num_workers", type=int, default=4, help="data loading processes per GPU")
-    a("--use_t5", action="store_true", help="encode prompts with T5 too (default: zero T5 tokens, as released)")
+    a("--use_t5", action="store_true", help="encode prompts with T5 too (off: zero T5 tokens, as released)")
     a("--negative_prompt", default=NEGATIVE_PROMPT, help="the unconditional input of CFG ('' allowed)")
     # schedule: 4 phases (paper section 3.2)
-    a("--phase_steps", type=int, nargs=4, default=[2500] * 4, help="generator updates per phase")
-    a("--max_steps", type=int, default=None, help="stop early after this many updates (default: sum of phases)")
-    a("--num_teacher_steps", type=int, default=32, help="K: flow-matching Euler steps of the teacher's full solve")
+    a("--phase_steps", type=int, nargs=4, default=PHASE_STEPS, help="generator updates per phase")
+    a("--max_steps", type=int, default=None, help="stop after this many updates (none: the sum of the phases)")
+    a("--num_teacher_steps", type=int, default=NUM_TEACHER_STEPS,
+      help="K: flow-matching Euler steps of the teacher's full solve")
     a("--timestep_distribution", default="mixture", choices=["mixture", "uniform", "gaussian"],
       help="start-index distribution over the K solver steps (uniform/gaussian: the paper's ablations)")
-    a("--guidance_min", type=float, default=7.0, help="teacher CFG scale w ~ U[min, max], one per batch")
-    a("--guidance_max", type=float, default=13.0, help="see --guidance_min")
+    a("--guidance_min", type=float, default=GUIDANCE[0], help="teacher CFG scale w ~ U[min, max], one per batch")
+    a("--guidance_max", type=float, default=GUIDANCE[1], help="see --guidance_min")
     # losses
     a("--distill_loss", default="lpips", choices=["lpips", "l2", "l1"], help="student vs teacher output")
-    a("--distill_weights", type=float, nargs=4, default=[1.0, 1.0, 1.0, 1.0], help="lambda_dist per phase")
-    a("--dmd_weights", type=float, nargs=4, default=[0.0, 0.3, 0.5, 0.7], help="lambda_dmd per phase")
-    a("--adv_weights", type=float, nargs=4, default=[0.0, 0.1, 0.3, 0.5], help="lambda_adv per phase")
+    a("--distill_weights", type=float, nargs=4, default=DISTILL_WEIGHTS, help="lambda_dist per phase")
+    a("--dmd_weights", type=float, nargs=4, default=DMD_WEIGHTS, help="lambda_dmd per phase")
+    a("--adv_weights", type=float, nargs=4, default=ADV_WEIGHTS, help="lambda_adv per phase")
     a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"], help="adversarial loss")
     a("--teacher_as_real", action="store_true", help="discriminator's real samples: teacher outputs, not data")
     # optimisation
-    a("--lr", type=float, default=1e-5, help="AdamW learning rate of the LoRA (constant)")
-    a("--lr_disc", type=float, default=1e-5, help="AdamW learning rate of the discriminator head (constant)")
-    a("--lora_rank", type=int, default=64, help="LoRA rank r")
-    a("--lora_alpha", type=float, default=8, help="LoRA alpha (scale = alpha / r)")
+    a("--lr", type=float, default=LR, help="AdamW learning rate of the LoRA (constant)")
+    a("--lr_disc", type=float, default=LR, help="AdamW learning rate of the discriminator head (constant)")
+    a("--lora_rank", type=int, default=LORA_RANK, help="LoRA rank r")
+    a("--lora_alpha", type=float, default=LORA_ALPHA, help="LoRA alpha (scale = alpha / r)")
     a("--mixed_precision", default="bf16", choices=["bf16", "no"], help="bf16 autocast (frozen weights in bf16 on GPU)")
     a("--compile", action="store_true", help="torch.compile the transformer blocks in place (the first steps compile)")
     a("--gradient_checkpointing", action="store_true", help="trade compute for memory in the student pass")
@@ -121,10 +143,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def checkpoints(output_dir):
+    """The complete checkpoint folders, oldest first (a step_NNNNNN.tmp folder is an interrupted write)."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if n.startswith("step_")
+             and n[5:].isdigit() and os.path.isfile(os.path.join(root, n, "training_state.pt"))]
+    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[5:]))]
+
+
 def check_args(args):
     """Everything that can be checked before a model is loaded; a UsageError names the flag and the fix.
     Returns the checkpoint folder to resume from, or None."""
-    common.check_run_args(args)
+    for flag in ("batch_size", "resolution", "log_every", "sample_every", "checkpoint_every", "max_steps",
+                 "lora_rank", "lora_alpha", "lr", "lr_disc"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise common.UsageError(f"--{flag} must be positive")
+    if args.num_workers < 0 or args.keep_checkpoints < 0:
+        raise common.UsageError("--num_workers and --keep_checkpoints must not be negative")
+    if args.guidance_min > args.guidance_max:
+        raise common.UsageError("--guidance_min must not exceed --guidance_max")
+    if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
+        raise common.UsageError("--phase_steps: four non-negative batch counts with a positive sum")
+    for p, n in enumerate(args.phase_steps):
+        if n and max(args.distill_weights[p], args.dmd_weights[p], args.adv_weights[p]) <= 0:
+            raise common.UsageError(f"phase {p} has no positive loss weight: raise one of --distill_weights, "
+                                    "--dmd_weights, --adv_weights for it")
+    if not 4 <= args.num_teacher_steps <= 1000:  # the mixture's 4 modes sit at multiples of K // 4
+        raise common.UsageError("--num_teacher_steps: K must be between 4 and 1000")
+    common.expand_shards(args.shards)
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
         net_cfg = SD3Transformer2DModel.load_config(args.model, subfolder="transformer")
@@ -138,10 +184,10 @@ def check_args(args):
                                 "Scheduler; this script distils SD3-style flow-matching models only")
     if args.use_t5:  # transformers' configs fall back to defaults silently: look for the file itself
         try:
-            found = cached_file(args.model, "config.json", subfolder="text_encoder_3")
+            t5_config = cached_file(args.model, "config.json", subfolder="text_encoder_3")
         except OSError:
-            found = None
-        if found is None:
+            t5_config = None
+        if t5_config is None:
             raise common.UsageError(f"--use_t5: --model {args.model} has no T5 encoder (text_encoder_3/); "
                                     "drop --use_t5")
     # the latent must split into patches (as the stock pipeline checks), and fit the position embedding
@@ -152,26 +198,44 @@ def check_args(args):
     if net_cfg.get("pos_embed_max_size") and args.resolution // down > net_cfg["pos_embed_max_size"]:
         raise common.UsageError(f"--resolution {args.resolution}: at most {net_cfg['pos_embed_max_size'] * down} "
                                 "for this model (its position embedding's size)")
-    return common.resolve_resume(args.resume, args.output_dir)
+    # resume, or refuse to mix a new run into an old one
+    found = checkpoints(args.output_dir)
+    if args.resume == "latest":
+        if not found:
+            raise common.UsageError(f"--resume latest: no checkpoint in {args.output_dir}/checkpoints; "
+                                    "drop --resume to start a new run")
+        return found[-1]
+    if args.resume:
+        if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
+            raise common.UsageError(f"--resume {args.resume}: no training_state.pt there; give a "
+                                    "checkpoints/step_NNNNNN folder or 'latest'")
+        return args.resume
+    if (found or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))) and not args.overwrite:
+        raise common.UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume latest to "
+                                "continue it, --overwrite to start over there, or choose another --output_dir")
+    return None
 
 
 # ------------------------------------------------------------------------------------------------------
 # the backbone: loading, latents, text encoding, denoiser calls
 # ------------------------------------------------------------------------------------------------------
 
-def load_models(args, device, weight_dtype):
+def build(args, device):
+    """Everything a training step reads, loaded once. The student is the transformer with its LoRA; the
+    teacher is the same transformer with the LoRA disabled (`teacher_mode`): one copy of the weights."""
+    dtype = torch.bfloat16 if args.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
     tokenizers = [CLIPTokenizer.from_pretrained(args.model, subfolder=s) for s in ("tokenizer", "tokenizer_2")]
-    encoders = [CLIPTextModelWithProjection.from_pretrained(args.model, subfolder=s, dtype=weight_dtype)
+    encoders = [CLIPTextModelWithProjection.from_pretrained(args.model, subfolder=s, dtype=dtype)
                 for s in ("text_encoder", "text_encoder_2")]
     if args.use_t5:  # 4.8B parameters: loaded only when asked for
         tokenizers.append(AutoTokenizer.from_pretrained(args.model, subfolder="tokenizer_3"))
-        encoders.append(T5EncoderModel.from_pretrained(args.model, subfolder="text_encoder_3", dtype=weight_dtype))
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=weight_dtype)
-    net = SD3Transformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=weight_dtype)
-    for m in (*encoders, vae, net):
-        m.requires_grad_(False).eval().to(device)
-    # student = transformer + LoRA; teacher = the same transformer with the LoRA disabled (one copy of weights)
-    net.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, target_modules=LORA_TARGETS))
+        encoders.append(T5EncoderModel.from_pretrained(args.model, subfolder="text_encoder_3", dtype=dtype))
+    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=dtype)
+    net = SD3Transformer2DModel.from_pretrained(args.model, subfolder="transformer", dtype=dtype)
+    for module in (*encoders, vae, net):
+        module.requires_grad_(False).eval().to(device)
+    net.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=LORA_INIT,
+                               target_modules=LORA_TARGETS))
     for p in net.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable LoRA weights stay fp32 under bf16 autocast
@@ -179,8 +243,25 @@ def load_models(args, device, weight_dtype):
         net.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     sched_config = FlowMatchEulerDiscreteScheduler.load_config(args.model, subfolder="scheduler")
-    teacher_sched = FlowMatchEulerDiscreteScheduler.from_config(sched_config)
-    return tokenizers, encoders, vae, net, teacher_sched, sched_config
+    sched = FlowMatchEulerDiscreteScheduler.from_config(sched_config)
+    # noise levels: the 1000-step training grid (DMD, GAN) and the teacher's K-step solver grid (+ the final 0)
+    train_sigmas = sched.sigmas.to(device, torch.float32)
+    sched.set_timesteps(args.num_teacher_steps, device=device)
+    joint_dim = net.config.joint_attention_dim
+    uncond = encode_text(tokenizers, encoders, [args.negative_prompt], joint_dim, device)
+    # the discriminator head, sized from the teacher's velocity prediction at this resolution
+    latent = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
+    with torch.no_grad(), teacher_mode(net):
+        z = torch.zeros(1, net.config.in_channels, latent, latent, device=device, dtype=dtype)
+        f = denoise(net, z, torch.ones(1, device=device), uncond)
+    lpips = common.make_lpips().to(device).requires_grad_(False).eval() if args.distill_loss == "lpips" else None
+    return SimpleNamespace(
+        device=device, tokenizers=tokenizers, text_encoders=encoders, vae=vae, transformer=net, uncond=uncond,
+        joint_dim=joint_dim, sched_config=sched_config, lpips=lpips, train_sigmas=train_sigmas,
+        sigmas=sched.sigmas.to(device, torch.float32), disc=make_discriminator(f.shape[1], f.shape[-1]).to(device),
+        decode=partial(from_latent, vae),
+        start_probs=[common.start_index_probs(args.num_teacher_steps, pi, args.timestep_distribution)
+                     for pi in common.MODE_PROBS])
 
 
 def to_latent(vae, pixels):
@@ -269,15 +350,16 @@ def teacher_solve(m, x_t, k, cond, uncond, w):
 
 
 def student_sigmas(sigmas, n):
-    """The sigmas of the student's n-step sampler (n in 1, 2, 4): the mixture's modes, teacher-grid indices
-    j * (K // 4), every (4 // n)-th of them (see the comment at the top); pass them to a
-    FlowMatchLCMScheduler configured with shift=1.0."""
+    """The sigmas of the student's n-step sampler (n in 1, 2, 4), for a FlowMatchLCMScheduler with shift=1.0:
+    every (4 // n)-th of the mixture's modes, teacher-grid indices j * (K // 4) (sigmas 1.0, 0.8965, 0.7389,
+    0.4700 at K = 32, shift 3), so where the student trains most; the flow analogue of the trailing LCM grid.
+    The stock FlowMatchLCM 4-step sigmas fall between the modes, where the mixture has almost no mass."""
     step = (len(sigmas) - 1) // 4 * (4 // n)
     return [float(sigmas[j * step]) for j in range(n)]
 
 
 def make_discriminator(ch, size):
-    """SD3 head (METHOD.md section 6) on the teacher's velocity prediction (16 x 128 x 128 at 1024 px): four k4 s2
+    """SD3 head (the released config) on the teacher's velocity prediction (16 x 128 x 128 at 1024 px): four k4 s2
     convs (64 ... 512 channels, GroupNorm and SiLU) to 8x8, then a k4 conv to a 5x5 logit map. Smaller maps skip
     the strided convs that would shrink them below 4x4 (k3 s1 instead)."""
     layers, c_in = [], ch
@@ -291,12 +373,13 @@ def make_discriminator(ch, size):
 
 
 # ------------------------------------------------------------------------------------------------------
-# one training step (METHOD.md sections 3 and 7)
+# one training step (paper section 3, Algorithm 1, in flow-matching form)
 # ------------------------------------------------------------------------------------------------------
 
-def train_step(m, batch, step, args, stop_requested=False):
-    """One batch: one forward, a generator (LoRA) update, a discriminator update. `m` holds the models
-    (see main). Returns ({loss name: tensor}, updated?, stop?)."""
+def train_step(m, student, disc, batch, step, args):
+    """One batch: one forward, then the generator's and the discriminator's backward; the loop steps the
+    optimizers. `student` and `disc` are the DDP-wrapped transformer and head (the plain ones in one
+    process). Returns {loss name: detached tensor}."""
     dev = m.device
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
     phase = common.phase_of(step, args.phase_steps)
@@ -315,7 +398,7 @@ def train_step(m, batch, step, args, stop_requested=False):
 
     # 3. student: one step, x_hat = x_t - sigma v (the flow's own x0 prediction, no boundary scalings)
     with autocast:
-        v_s = denoise(m.student, x_t, sigma, cond)
+        v_s = denoise(student, x_t, sigma, cond)
     x_hat = x0_from_v(x_t, v_s, sigma)
 
     # 4. teacher: Euler solve from sigma_k to 0 with CFG, w ~ U[g_min, g_max] once per batch
@@ -354,35 +437,27 @@ def train_step(m, batch, step, args, stop_requested=False):
             m.disc.requires_grad_(False)  # D is not trained by the generator's loss
             losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
     loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
-    m.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     m.disc.requires_grad_(True)
 
-    # 6. discriminator update on the detached fake (and real) features, in every phase
+    # 6. discriminator on the detached fake (and real) features, in every phase
     with autocast:
-        logits_real, logits_fake = m.disc_ddp(torch.cat([f_real, f_fake]).detach()).float().chunk(2)
+        logits_real, logits_fake = disc(torch.cat([f_real, f_fake]).detach()).float().chunk(2)
         losses["disc"] = common.gan_d_loss(logits_real, logits_fake, args.gan_loss)
-    m.opt_d.zero_grad(set_to_none=True)
     losses["disc"].backward()
-
-    # 7. skip both updates if any rank saw a non-finite loss (one small all-reduce, also carrying stop)
-    nonfinite, stop = common.check_finite_and_stop([loss_g, losses["disc"]], stop_requested, dev)
-    if not nonfinite:
-        m.opt_g.step()
-        m.opt_d.step()
     losses.update(loss_g=loss_g, t=1000 * sigma[0].float(), w=torch.tensor(w, device=dev))
-    return {k_: v.detach() for k_, v in losses.items()}, not nonfinite, stop
+    return {name: v.detach() for name, v in losses.items()}
 
 
 # ------------------------------------------------------------------------------------------------------
-# validation, export, checkpoints
+# validation and export
 # ------------------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_grid(m, args, step):
     """Teacher (flow-matching Euler, 28 steps, CFG 7 with the negative prompt: the stock pipeline's defaults)
     beside the student (FlowMatchLCMScheduler at student_sigmas, 1/2/4 steps, no CFG), on the validation
-    prompts with a fixed generator; rows are prompts."""
+    prompts with a fixed generator; rows are prompts. Returns the PNG's path."""
     t5 = len(m.text_encoders) > 2
     pipe = StableDiffusion3Pipeline(
         transformer=m.transformer, scheduler=FlowMatchLCMScheduler.from_config(m.sched_config, shift=1.0), vae=m.vae,
@@ -399,7 +474,7 @@ def sample_grid(m, args, step):
         with autocast, torch.random.fork_rng(devices=cuda):  # the sampler's re-noising draws from the global RNG:
             torch.manual_seed(args.seed)  # fix it too, and leave training's RNG as it was
             return pipe(args.validation_prompts, generator=g, height=args.resolution, width=args.resolution,
-                        max_sequence_length=T5_TOKENS, **kw).images
+                        max_sequence_length=T5_TOKENS, output_type="pt", **kw).images.float().cpu()
 
     columns = {f"student {n} step{'s' * (n > 1)}": run(sigmas=student_sigmas(m.sigmas, n), guidance_scale=0.0)
                for n in (1, 2, 4)}
@@ -408,9 +483,16 @@ def sample_grid(m, args, step):
         columns = {"teacher 28 steps": run(num_inference_steps=28, guidance_scale=7.0,
                                            negative_prompt=[args.negative_prompt] * len(args.validation_prompts)),
                    **columns}
-    grid = common.image_grid([list(r) for r in zip(*columns.values())], labels=list(columns))
+    images = torch.stack(list(columns.values()), 1).flatten(0, 1)  # prompt-major: one row per prompt
+    if images.shape[-1] < 128:  # tiny models: upscaled so the pictures and the labels can be seen
+        images = F.interpolate(images, scale_factor=128 // images.shape[-1], mode="nearest")
+    grid = to_pil_image(make_grid(images, nrow=len(columns), padding=0))
+    page = Image.new("RGB", (grid.width, grid.height + 14), "white")
+    page.paste(grid, (0, 14))
+    for j, label in enumerate(columns):
+        ImageDraw.Draw(page).text((j * images.shape[-1] + 2, 1), label, fill="black")
     path = os.path.join(args.output_dir, "samples", f"step_{step:06d}.png")
-    grid.save(path)
+    page.save(path)
     return path
 
 
@@ -422,82 +504,184 @@ def export_lora(net, out_dir):
 
 
 # ------------------------------------------------------------------------------------------------------
-# main
+# main: processes, models, optimizers, resume, the loop with its metrics, samples and checkpoints
 # ------------------------------------------------------------------------------------------------------
-
-class Models:
-    """Plain holder of what a training step needs (no behaviour)."""
-
 
 def main(argv=None):
     args = parse_args(argv)
     resume_dir = check_args(args)
-    rank, world_size, device, log = common.start_run(args)
 
-    m = Models()
-    m.args, m.device = args, device
-    m.lpips = common.make_lpips().to(device).requires_grad_(False).eval() if args.distill_loss == "lpips" else None
-    weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
-    models = load_models(args, device, weight_dtype)
-    m.tokenizers, m.text_encoders, m.vae, m.transformer, m.teacher_sched, m.sched_config = models
-    # noise levels: the 1000-step training grid (DMD, GAN) and the teacher's K-step solver grid (+ the final 0)
-    m.train_sigmas = m.teacher_sched.sigmas.to(device, torch.float32)
-    m.teacher_sched.set_timesteps(args.num_teacher_steps, device=device)
-    m.sigmas = m.teacher_sched.sigmas.to(device, torch.float32)
-    m.joint_dim = m.transformer.config.joint_attention_dim
-    m.uncond = encode_text(m.tokenizers, m.text_encoders, [args.negative_prompt], m.joint_dim, device)
-    m.decode = partial(from_latent, m.vae)
-    m.start_probs = [common.start_index_probs(args.num_teacher_steps, pi, args.timestep_distribution)
-                     for pi in common.MODE_PROBS]
+    # processes: torchrun sets RANK (one process per device, nccl on CUDA, gloo on CPU); else a single one
+    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    barrier = dist.barrier if ddp else (lambda: None)
+    if rank == 0:
+        if args.overwrite and not args.resume:
+            for name in ("checkpoints", "samples", "metrics.jsonl", "log.txt"):
+                path = os.path.join(args.output_dir, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
+        for sub in ("samples", "checkpoints"):
+            os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
+    barrier()
+    # rank 0 logs to the terminal (above the progress bar) and to log.txt; the other ranks stay quiet
+    log = logging.getLogger("flash_sd3")
+    log.handlers.clear()
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    handlers = [logging.StreamHandler(), logging.FileHandler(os.path.join(args.output_dir, "log.txt"))] if rank == 0 else []
+    for h in handlers or [logging.NullHandler()]:
+        h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        log.addHandler(h)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(args.seed)  # the LoRA and the head start identical on every rank
 
-    # discriminator head on the teacher's velocity prediction: the latent's shape at this resolution
-    latent = args.resolution // 2 ** (len(m.vae.config.block_out_channels) - 1)
-    m.disc = make_discriminator(m.transformer.config.out_channels, latent).to(device)
-    if args.compile:  # in place, before DDP wraps the student
-        common.compile_blocks(m.transformer, COMPILE_BLOCKS)
-    m.student, m.disc_ddp, m.opt_g, m.opt_d, step, counters = common.make_trainable(
-        m.transformer, m.disc, args, device, world_size, resume_dir, log)
+    m = build(args, device)
+    if args.compile:  # regional: each repeated block compiled in place, so saved keys carry no prefix
+        blocks = [b for b in m.transformer.modules() if type(b).__name__ in COMPILE_BLOCKS]
+        if not blocks:
+            raise common.UsageError(f"--compile: no {' or '.join(COMPILE_BLOCKS)} in this transformer; name its "
+                                    "repeated block classes in COMPILE_BLOCKS")
+        for block in blocks:
+            block.compile(dynamic=False)
+        # every compiled block shares one frame (Module._call_impl): room for each (class, shape, grad mode,
+        # LoRA on/off) graph, past which dynamo would silently fall back to eager
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    # DDP wraps only what trains: the student's calls (its LoRA gradients) and the discriminator head
+    ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
+    student = DDP(m.transformer, **ddp_kw) if ddp else m.transformer
+    disc = DDP(m.disc, **ddp_kw) if ddp else m.disc
+    lora = [p for p in m.transformer.parameters() if p.requires_grad]
+    fused = dict(fused=True) if device.type == "cuda" else {}
+    opt_g = torch.optim.AdamW(lora, lr=args.lr, **fused)
+    opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.lr_disc, **fused)
+    log.info(f"LoRA {sum(p.numel() for p in lora) / 1e6:.2f}M + discriminator "
+             f"{sum(p.numel() for p in m.disc.parameters()) / 1e6:.2f}M trainable parameters; "
+             f"{world_size} process(es) on {device.type}")
+
+    step, nonfinite = 0, 0
+    if resume_dir:  # the LoRA's shape and scale and the model must match; other flags may change
+        state = torch.load(os.path.join(resume_dir, "training_state.pt"), map_location="cpu", weights_only=True)
+        for flag in ("model", "lora_rank", "lora_alpha"):
+            if state["config"][flag] != getattr(args, flag):
+                raise common.UsageError(f"--resume: the checkpoint has --{flag} {state['config'][flag]}, this run "
+                                        f"{getattr(args, flag)}; resume with the same value")
+        set_peft_model_state_dict(m.transformer, state["lora"])
+        m.disc.load_state_dict(state["disc"])
+        opt_g.load_state_dict(state["opt_g"])
+        opt_d.load_state_dict(state["opt_d"])
+        for opt, lr in ((opt_g, args.lr), (opt_d, args.lr_disc)):
+            for group in opt.param_groups:
+                group["lr"] = lr  # the command line wins over the saved learning rate
+        step, nonfinite = state["step"], state["nonfinite"]
+        changed = {k: (state["config"].get(k), v) for k, v in vars(args).items()
+                   if k not in ("resume", "overwrite") and state["config"].get(k) != v}
+        log.info(f"resumed from {resume_dir} at step {step}; flags changed since (saved, now): {changed}")
+    # each rank draws its own noise; a resumed run draws new noise and reads new samples
+    torch.manual_seed(args.seed + rank + 100_003 * step)
     total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
-    loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers,
-                                args.min_aesthetic, seed=args.seed + 100_003 * step)  # a resumed run reads new samples
+    loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers, args.min_aesthetic,
+                                seed=args.seed + 100_003 * step, rank=rank, world_size=world_size)
 
-    stop_signal = common.StopSignal()
-    tally, last = common.Tally(counters), {}
+    # SIGTERM (torchrun, SLURM) and Ctrl-C: finish the step, agree across ranks, checkpoint, stop
+    stop_requested = False
+
+    def on_signal(signum, frame):
+        nonlocal stop_requested
+        if stop_requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        stop_requested = True
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc="flash_sd3", dynamic_ncols=True)
+    sums, n_sums, in_a_row, t_log = {}, 0, 0, time.time()
     data = iter(loader)
     try:
-        while step < total:
-            t_step = time.time()
-            losses, updated, stop = train_step(m, next(data), step, args, stop_signal.requested)
-            step += tally.record(losses, updated, time.time() - t_step, step, log, args.output_dir)
-            bar.update(int(updated))
-            if updated and (step % args.log_every == 0 or step == total):
-                last = tally.flush(args, step, loader, device, log)
-                bar.set_postfix(g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
-            if updated and (step % args.sample_every == 0 or step == total):
+        with logging_redirect_tqdm(loggers=[log]):  # log lines above the progress bar
+            while step < total:
+                losses = train_step(m, student, disc, next(data), step, args)
+                # 7. one small all-reduce: did any rank see a non-finite loss, did any rank get a stop signal
+                flags = torch.stack([~(torch.isfinite(losses["loss_g"]) & torch.isfinite(losses["disc"])),
+                                     torch.tensor(stop_requested, device=device)]).float()
+                if ddp:
+                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+                bad, stop = flags.tolist()  # the loop's one host sync: every rank takes the same branch
+                if bad:  # skip both updates
+                    nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                    log.info(f"step {step}: non-finite loss, update skipped ({in_a_row} in a row)")
+                    if in_a_row >= MAX_NONFINITE:
+                        raise RuntimeError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; the last good "
+                                           f"checkpoint is in {args.output_dir}/checkpoints. Try a lower --lr, "
+                                           "--mixed_precision no, or check the data.")
+                else:
+                    opt_g.step()
+                    opt_d.step()
+                    step, in_a_row, n_sums = step + 1, 0, n_sums + 1
+                    sums = {name: sums.get(name, 0) + v for name, v in losses.items()}
+                    bar.update()
+                opt_g.zero_grad(set_to_none=True)
+                opt_d.zero_grad(set_to_none=True)
+                done = step == total
+                if not bad and (step % args.log_every == 0 or done):  # losses averaged over steps and ranks
+                    names, counts = sorted(sums), loader.counts
+                    avg = torch.stack([sums[k].float() for k in names]) / n_sums
+                    seen = torch.tensor([float(counts[k]) for k in sorted(counts)], device=device)
+                    if ddp:
+                        dist.all_reduce(avg)
+                        dist.all_reduce(seen)
+                    last = dict(zip(names, (avg / world_size).tolist()))
+                    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+                    record = dict(step=step, phase=common.phase_of(step - 1, args.phase_steps), K=args.num_teacher_steps,
+                                  **last, it_per_s=n_sums / (time.time() - t_log), peak_mem_gb=peak, nonfinite=nonfinite,
+                                  data=dict(zip(sorted(counts), map(int, seen.tolist()))))
+                    if rank == 0:
+                        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+                            f.write(json.dumps(record) + "\n")
+                    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+                    bar.set_postfix(g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
+                    sums, n_sums, t_log = {}, 0, time.time()
+                if not bad and (step % args.sample_every == 0 or done):
+                    if rank == 0:
+                        log.info(f"samples: {sample_grid(m, args, step)}")
+                    barrier()
+                if stop or not bad and (step % args.checkpoint_every == 0 or done):
+                    if rank == 0:  # written under a temporary name and renamed when complete
+                        final = os.path.join(args.output_dir, "checkpoints", f"step_{step:06d}")
+                        shutil.rmtree(final + ".tmp", ignore_errors=True)
+                        os.makedirs(final + ".tmp")
+                        torch.save(dict(step=step, nonfinite=nonfinite, config=vars(args),
+                                        lora=get_peft_model_state_dict(m.transformer), disc=m.disc.state_dict(),
+                                        opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()),
+                                   os.path.join(final + ".tmp", "training_state.pt"))
+                        export_lora(m.transformer, final + ".tmp")
+                        shutil.rmtree(final, ignore_errors=True)
+                        os.rename(final + ".tmp", final)
+                        for old in checkpoints(args.output_dir)[:-args.keep_checkpoints] if args.keep_checkpoints else []:
+                            shutil.rmtree(old, ignore_errors=True)
+                        log.info(f"checkpoint at step {step}")
+                    barrier()
+                if stop:
+                    log.info(f"stop requested: saved step {step}; continue with --resume latest")
+                    break
+            if step >= total:
                 if rank == 0:
-                    log.info(f"samples: {sample_grid(m, args, step)}")
-                common.barrier()
-            if updated and (step % args.checkpoint_every == 0 or step == total) or stop:
-                state = common.training_state(m.transformer, m.disc, m.opt_g, m.opt_d, args, step, counters, device)
-                common.save_checkpoint(args.output_dir, step, state,
-                                       partial(export_lora, m.transformer), args.keep_checkpoints)
-                log.info(f"checkpoint at step {step}")
-            if stop:
-                log.info(f"stop requested: saved step {step}; continue with --resume latest")
-                break
-        if step >= total:
-            if rank == 0:
-                export_lora(m.transformer, args.output_dir)
-                log.info(f"done: LoRA in {args.output_dir}/pytorch_lora_weights.safetensors")
-            common.barrier()
+                    export_lora(m.transformer, args.output_dir)
+                    log.info(f"done: LoRA in {args.output_dir}/pytorch_lora_weights.safetensors")
+                barrier()
     finally:
         loader.close()  # stop the data workers now, even if a traceback keeps this frame alive
         bar.close()
-        stop_signal.restore()
-        common.cleanup_distributed()
-    m.step, m.last, m.counters = step, last, counters
-    return m
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if ddp:
+            dist.destroy_process_group()
+    return m, step
 
 
 if __name__ == "__main__":

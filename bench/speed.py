@@ -21,7 +21,7 @@ What one measured step is (the same for both patterns, so that times compare):
   solve has the length of an average training step (18 of K = 32 steps for SD1.5, 9 of 16 for PixArt).
   The index is random in training; fixing it makes every timed step the same amount of work.
 
-Stand-ins, since nothing can be downloaded: LPIPS is `lpips.LPIPS(net="vgg", pretrained=True,
+Stand-ins, so that nothing is downloaded: LPIPS is `lpips.LPIPS(net="vgg", pretrained=True,
 pnet_rand=True)` (a random VGG16 trunk, the same compute as the real one; speed, not quality, is measured);
 tokenizers are byte-level stand-ins with the real sequence lengths; PixArt's T5-XXL (4.7B) is replaced at
 --size real by a T5 of the same width (4096) with 2 of its 24 layers, since the text encoder is a small
@@ -31,10 +31,10 @@ import argparse
 import contextlib
 import copy
 import datetime
-import functools
 import gc
 import importlib
 import json
+import logging
 import math
 import os
 import platform
@@ -99,7 +99,8 @@ def t5_tokenizer(vocab_size):
 
 
 # ------------------------------------------------------------------------------------------------------
-# model configs. tiny: the test suite's (tests/conftest.py). real: the released architectures.
+# model configs. tiny: the test suite's (tests/conftest.py builds its models from these). real: the released
+# architectures.
 # ------------------------------------------------------------------------------------------------------
 
 SCALED_LINEAR = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
@@ -166,9 +167,9 @@ def real_vae(**kw):
                 norm_num_groups=32, **dict(dict(latent_channels=4, sample_size=512), **kw))
 
 
-def clip_config(size, big=False, **kw):
+def clip_config(size, big=False, vocab=None, **kw):
     """CLIP text encoder: tiny (the tests'), ViT-L/14 (SD1.5, SDXL's first), or OpenCLIP bigG (`big`)."""
-    vocab = 512 if size == "tiny" else 49408
+    vocab = vocab or (512 if size == "tiny" else 49408)
     if size == "tiny":
         dims = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32)
     elif big:
@@ -181,9 +182,9 @@ def clip_config(size, big=False, **kw):
                 max_position_embeddings=77, **kw)
 
 
-def t5_config(size):
+def t5_config(size, vocab=None):
     if size == "tiny":
-        return dict(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0,
+        return dict(vocab_size=vocab or 64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, pad_token_id=0,
                     eos_token_id=1, decoder_start_token_id=0)
     # T5-XXL's width and heads (output 4096 wide, as the denoisers read it) with 2 of its 24 layers
     return dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=2, num_heads=64,
@@ -197,7 +198,7 @@ def build_denoiser(backbone, size):
 
 
 def build_parts(backbone, size, device, seed=0):
-    """Every model the script's load_models reads, keyed by the subfolder (or path) it reads it from; built
+    """Every model the script's build() reads, keyed by the subfolder (or path) it reads it from; built
     directly on `device` so that large random inits run there. Schedulers are config dicts."""
     from diffusers import AutoencoderKL, T2IAdapter
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
@@ -245,7 +246,7 @@ def build_parts(backbone, size, device, seed=0):
 
 
 class FromMemory:
-    """Stands in for a diffusers/transformers class inside a script's module while its load_models runs:
+    """Stands in for a diffusers/transformers class inside a script's module while its build() runs:
     from_pretrained(path, subfolder=...) returns the in-memory object for that subfolder (or path) cast to
     the requested dtype, load_config its config; everything else (from_config ...) is the real class's."""
 
@@ -276,81 +277,26 @@ class FromMemory:
 
 @contextlib.contextmanager
 def models_from_memory(mod, parts):
-    """Run a script's own load_models on in-memory models: every diffusers/transformers class in the
-    script's namespace is swapped for a FromMemory stand-in, and restored afterwards."""
+    """Run a script's own build() on in-memory models: every diffusers/transformers class in the script's
+    namespace is swapped for a FromMemory stand-in, and LPIPS for the offline one, restored afterwards."""
     saved = {n: v for n, v in vars(mod).items() if isinstance(v, type) and hasattr(v, "from_pretrained")
              and v.__module__.split(".")[0] in ("diffusers", "transformers")}
+    real_lpips = common.make_lpips
     try:
         for n, v in saved.items():
             setattr(mod, n, FromMemory(v, parts))
+        common.make_lpips = make_lpips
         yield
     finally:
         for n, v in saved.items():
             setattr(mod, n, v)
+        common.make_lpips = real_lpips
 
 
 # ------------------------------------------------------------------------------------------------------
-# per-backbone entries: the lines of each script's main() between load_models and make_trainable, the
-# extra batch keys its loader yields, and (for the reference pattern) its conditioning and features
+# per-backbone entries: the extra batch keys each script's loader yields, and (for the reference
+# pattern) its conditioning and features
 # ------------------------------------------------------------------------------------------------------
-
-def latent_size(m, args):
-    return args.resolution // 2 ** (len(m.vae.config.block_out_channels) - 1)
-
-
-def setup_sd(mod, m, models, args, device, weight_dtype):
-    m.tokenizer, m.text_encoder, m.vae, m.unet, m.teacher_sched, m.sched_config = models
-    m.alphas_cumprod = m.teacher_sched.alphas_cumprod.to(device, torch.float32)
-    m.uncond = mod.encode_text(m.tokenizer, m.text_encoder, [""], device)
-    with torch.no_grad(), mod.teacher_mode(m.unet):
-        z = torch.zeros(1, m.unet.config.in_channels, latent_size(m, args), latent_size(m, args), device=device,
-                        dtype=weight_dtype)
-        f = mod.mid_features(m.unet, z, torch.zeros(1, device=device, dtype=torch.long), m.uncond.to(weight_dtype))
-    m.disc = mod.make_discriminator(f.shape[1], f.shape[-1]).to(device)
-
-
-def setup_sdxl(mod, m, models, args, device, weight_dtype):
-    m.tokenizers, m.text_encoders, m.vae, m.unet, m.teacher_sched, m.sched_config = models
-    m.alphas_cumprod = m.teacher_sched.alphas_cumprod.to(device, torch.float32)
-    with torch.no_grad(), mod.teacher_mode(m.unet):
-        z = torch.zeros(1, m.unet.config.in_channels, latent_size(m, args), latent_size(m, args), device=device,
-                        dtype=weight_dtype)
-        probe = mod.zero_uncond(mod.encode_text(m.tokenizers, m.text_encoders, [""], args.resolution, device))
-        f = mod.mid_features(m.unet, z, torch.zeros(1, device=device, dtype=torch.long), probe)
-    m.disc = mod.make_discriminator(f.shape[1], f.shape[-1]).to(device)
-
-
-def setup_adapter(mod, m, models, args, device, weight_dtype):
-    m.tokenizers, m.text_encoders, m.vae, m.unet, m.adapter, m.teacher_sched, m.sched_config = models
-    m.alphas_cumprod = m.teacher_sched.alphas_cumprod.to(device, torch.float32)
-    with torch.no_grad(), mod.teacher_mode(m.unet):
-        z = torch.zeros(1, m.unet.config.in_channels, latent_size(m, args), latent_size(m, args), device=device,
-                        dtype=weight_dtype)
-        probe = mod.zero_uncond(mod.encode_text(m.tokenizers, m.text_encoders, [""], args.resolution, device))
-        edges = torch.zeros(1, m.adapter.config.in_channels, args.resolution, args.resolution, device=device)
-        probe["adapter"] = mod.adapter_residuals(m.adapter, edges.to(weight_dtype), args.adapter_conditioning_scale)
-        f = mod.mid_features(m.unet, z, torch.zeros(1, device=device, dtype=torch.long), probe)
-    m.disc = mod.make_discriminator(f.shape[1], f.shape[-1]).to(device)
-
-
-def setup_pixart(mod, m, models, args, device, weight_dtype):
-    m.tokenizer, m.text_encoder, m.vae, m.transformer, m.teacher_sched, m.sched_config = models
-    m.alphas_cumprod = m.teacher_sched.alphas_cumprod.to(device, torch.float32)
-    m.sizes = m.transformer.config.sample_size == 128
-    m.uncond = mod.encode_text(m.tokenizer, m.text_encoder, [""], args.resolution, device, m.sizes)
-    m.disc = mod.make_discriminator(m.transformer.config.in_channels, latent_size(m, args)).to(device)
-
-
-def setup_sd3(mod, m, models, args, device, weight_dtype):
-    m.tokenizers, m.text_encoders, m.vae, m.transformer, m.teacher_sched, m.sched_config = models
-    m.train_sigmas = m.teacher_sched.sigmas.to(device, torch.float32)
-    m.teacher_sched.set_timesteps(args.num_teacher_steps, device=device)
-    m.sigmas = m.teacher_sched.sigmas.to(device, torch.float32)
-    m.joint_dim = m.transformer.config.joint_attention_dim
-    m.uncond = mod.encode_text(m.tokenizers, m.text_encoders, [args.negative_prompt], m.joint_dim, device)
-    m.decode = functools.partial(mod.from_latent, m.vae)
-    m.disc = mod.make_discriminator(m.transformer.config.out_channels, latent_size(m, args)).to(device)
-
 
 def adapter_batch(m, args, B, g):
     edges = (torch.rand(B, m.adapter.config.in_channels, args.resolution, args.resolution, generator=g) > 0.9)
@@ -387,8 +333,7 @@ def eps_features(mod, m, net, x, t, cond):
 @dataclass
 class Backbone:
     script: str  # module name of the backbone script
-    denoiser: str  # attribute of the Models holder that is the (LoRA-carrying) denoiser
-    setup: Callable  # the script main()'s lines between load_models and the compile / make_trainable
+    denoiser: str  # attribute of the script's build() namespace that is the (LoRA-carrying) denoiser
     extra_batch: Optional[Callable] = None  # extra keys the script's loader yields
     # reference pattern (epsilon-prediction backbones): conditioning and discriminator features
     encode: Optional[Callable] = None  # (mod, m, batch, args) -> (cond, uncond), batch-first
@@ -397,14 +342,14 @@ class Backbone:
 
 
 SPECS = {
-    "sd": Backbone("flash_sd", "unet", setup_sd, encode=encode_sd, features=unet_features),
-    "sdxl": Backbone("flash_sdxl", "unet", setup_sdxl, encode=encode_sdxl, features=unet_features),
-    "adapter": Backbone("flash_adapter", "unet", setup_adapter, extra_batch=adapter_batch, encode=encode_sdxl,
+    "sd": Backbone("flash_sd", "unet", encode=encode_sd, features=unet_features),
+    "sdxl": Backbone("flash_sdxl", "unet", encode=encode_sdxl, features=unet_features),
+    "adapter": Backbone("flash_adapter", "unet", extra_batch=adapter_batch, encode=encode_sdxl,
                         features=unet_features),
-    "pixart": Backbone("flash_pixart", "transformer", setup_pixart, encode=encode_pixart, features=eps_features,
+    "pixart": Backbone("flash_pixart", "transformer", encode=encode_pixart, features=eps_features,
                        notes=["T5: width 4096, 2 of T5-XXL's 24 layers at --size real"]),
     # flow matching: no reference pattern (its step math is written for epsilon prediction)
-    "sd3": Backbone("flash_sd3", "transformer", setup_sd3,
+    "sd3": Backbone("flash_sd3", "transformer",
                     notes=["T5 as in the script's default (off unless its flag turns it on)"]),
 }
 
@@ -451,7 +396,7 @@ def build_step(name, opts, device, log):
     k = default_start_index(K) if opts.start_index is None else opts.start_index
     if not 0 <= k < K:
         raise ValueError(f"--start_index {k}: must be in 0..{K - 1} (K = {K} for {name})")
-    torch.backends.cuda.matmul.allow_tf32 = True  # as common.start_run
+    torch.backends.cuda.matmul.allow_tf32 = True  # as the scripts' main()
     torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)
 
@@ -464,21 +409,18 @@ def build_step(name, opts, device, log):
         raise ValueError(f"--resolution {args.resolution}: must be a multiple of {math.lcm(8, unit)} for {name}")
     n_params = sum(p.numel() for p in den.parameters())
 
-    m = mod.Models()
-    m.args, m.device = args, device
-    m.lpips = make_lpips().to(device).requires_grad_(False).eval() if args.distill_loss == "lpips" else None
-    weight_dtype = torch.bfloat16 if args.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
     with models_from_memory(mod, parts):
-        models = mod.load_models(args, device, weight_dtype)
+        m = mod.build(args, device)
     del parts
-    spec.setup(mod, m, models, args, device, weight_dtype)
-    if not hasattr(m, "decode"):
-        m.decode = lambda z: m.vae.decode(z / m.vae.config.scaling_factor).sample
     denoiser = getattr(m, spec.denoiser)
     if args.compile:
-        common.compile_blocks(denoiser, mod.COMPILE_BLOCKS)
-    m.student, m.disc_ddp, m.opt_g, m.opt_d, _, _ = common.make_trainable(
-        denoiser, m.disc, args, device, 1, None, log)
+        compile_blocks(denoiser, mod.COMPILE_BLOCKS)
+    # one process: the student and the head unwrapped, AdamW for each, as the script's main() makes them
+    train = dict(student=denoiser, disc=m.disc,
+                 opt_g=torch.optim.AdamW([p for p in denoiser.parameters() if p.requires_grad], lr=args.lr,
+                                         **(dict(fused=True) if device.type == "cuda" else {})),
+                 opt_d=torch.optim.AdamW(m.disc.parameters(), lr=args.lr_disc,
+                                         **(dict(fused=True) if device.type == "cuda" else {})))
 
     # the fixed start index for every phase, and the phase whose loss weights apply
     m.start_probs = [torch.nn.functional.one_hot(torch.tensor(k), K).double()] * 4
@@ -493,12 +435,36 @@ def build_step(name, opts, device, log):
         batch.update(spec.extra_batch(m, args, B, g))
     if device.type == "cuda":
         batch = {k_: v.pin_memory() if torch.is_tensor(v) else v for k_, v in batch.items()}
-    return dict(spec=spec, mod=mod, m=m, args=args, batch=batch, step=step, k=k, K=K, params=n_params)
+    return dict(spec=spec, mod=mod, m=m, args=args, batch=batch, step=step, k=k, K=K, params=n_params, **train)
+
+
+def compile_blocks(model, block_types):
+    """--compile as the scripts do it: each repeated block compiled in place, room for every graph."""
+    for block in model.modules():
+        if type(block).__name__ in block_types:
+            block.compile(dynamic=False)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+
+
+def finite(*losses):
+    return bool(torch.stack([torch.isfinite(l).all() for l in losses]).all())
+
+
+def optimizer_steps(b, losses):
+    """What the script's loop does after train_step: both updates if every loss is finite."""
+    ok = finite(losses["loss_g"], losses["disc"])
+    if ok:
+        b["opt_g"].step()
+        b["opt_d"].step()
+    b["opt_g"].zero_grad(set_to_none=True)
+    b["opt_d"].zero_grad(set_to_none=True)
+    return losses, ok, False
 
 
 def make_lpips():
     """LPIPS-VGG with a random VGG16 trunk and the package's real linear heads: the real one's compute,
-    built offline (its weights cannot be downloaded here)."""
+    built offline (no weights are downloaded)."""
     import lpips
     return lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
 
@@ -561,7 +527,7 @@ def reference_step(b, teacher, tl=None):
         eps = torch.randn_like(z0)
         x_t = eps if k == 0 else common.renoise(z0, eps, t, abar)
         with torch.set_grad_enabled(grad), autocast:
-            eps_s = mod.denoise(m.student, x_t, t, cond)
+            eps_s = mod.denoise(b["student"], x_t, t, cond)
         a = common.bcast(abar[t], x_t)
         x0_s = (x_t - (1 - a).sqrt() * eps_s) / a.sqrt()
         c_skip, c_out = (common.bcast(c, x_t) for c in common.lcm_boundary(t.float()))
@@ -599,7 +565,7 @@ def reference_step(b, teacher, tl=None):
             w2 = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
             with torch.no_grad():
                 e_real = cfg_two_passes(y, t2, cond, uncond, w2)
-                e_fake = mod.denoise(m.student, y, t2, cond)
+                e_fake = mod.denoise(b["student"], y, t2, cond)
             losses["dmd"] = common.dmd_loss(x_hat, y, e_real, e_fake, abar[t2])
         tl.mark(DMD_FWD)
         if l_adv > 0:
@@ -610,13 +576,13 @@ def reference_step(b, teacher, tl=None):
             losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
         tl.mark(GAN_FWD)
     loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
-    m.opt_g.zero_grad(set_to_none=True)
+    b["opt_g"].zero_grad(set_to_none=True)
     loss_g.backward()
     m.disc.requires_grad_(True)
     tl.mark(BWD_STUDENT)
-    bad_g, _ = common.check_finite_and_stop([loss_g], False, dev)
-    if not bad_g:
-        m.opt_g.step()
+    ok_g = finite(loss_g)
+    if ok_g:
+        b["opt_g"].step()
     tl.mark(OPT)
 
     # discriminator pass: the whole forward again, nothing of the generator pass reused
@@ -628,17 +594,17 @@ def reference_step(b, teacher, tl=None):
                                            cat_cond(mod, cond, cond)).float().chunk(2)
     tl.mark(D_PASS + GAN_FWD)
     with autocast:
-        logits_real, logits_fake = m.disc_ddp(torch.cat([f_real, f_fake])).float().chunk(2)
+        logits_real, logits_fake = b["disc"](torch.cat([f_real, f_fake])).float().chunk(2)
         losses["disc"] = common.gan_d_loss(logits_real, logits_fake, args.gan_loss)
-    m.opt_d.zero_grad(set_to_none=True)
+    b["opt_d"].zero_grad(set_to_none=True)
     losses["disc"].backward()
     tl.mark(DISC)
-    bad_d, _ = common.check_finite_and_stop([losses["disc"]], False, dev)
-    if not bad_d:
-        m.opt_d.step()
+    ok_d = finite(losses["disc"])
+    if ok_d:
+        b["opt_d"].step()
     tl.mark(OPT)
     losses.update(loss_g=loss_g)
-    return {k: v.detach() for k, v in losses.items()}, not (bad_g or bad_d), False
+    return {k: v.detach() for k, v in losses.items()}, ok_g and ok_d, False
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -784,7 +750,6 @@ def instrumented(b, tl):
             if hasattr(common, name):
                 stack.enter_context(patched(common, name, after(DMD_FWD, getattr(common, name), BWD_REST)))
         stack.enter_context(patched(common, "gan_g_loss", after(GAN_FWD, common.gan_g_loss)))
-        stack.enter_context(patched(common, "check_finite_and_stop", before(DISC, common.check_finite_and_stop)))
         if hasattr(mod, "teacher_solve"):
             stack.enter_context(patched(mod, "teacher_solve", around(mod.teacher_solve)))
         if hasattr(mod, "denoise"):
@@ -886,12 +851,14 @@ def run_backbone(name, opts, device, log, save, res):
     mod, m = b["mod"], b["m"]
 
     def ours():
-        return mod.train_step(m, b["batch"], b["step"], args)
+        return optimizer_steps(b, mod.train_step(m, b["student"], b["disc"], b["batch"], b["step"], args))
 
     def ours_instrumented(tl):
         with instrumented(b, tl):
             tl.start()
-            mod.train_step(m, b["batch"], b["step"], args)
+            losses = mod.train_step(m, b["student"], b["disc"], b["batch"], b["step"], args)
+            tl.mark(DISC)
+            optimizer_steps(b, losses)
             tl.mark(OPT)
 
     res["ours"] = measure(b, "ours", ours, ours_instrumented, opts, device)
@@ -915,7 +882,7 @@ def run_backbone(name, opts, device, log, save, res):
         try:
             teacher = make_reference_teacher(b)
             if args.compile and not eager_ref:
-                common.compile_blocks(teacher, mod.COMPILE_BLOCKS)
+                compile_blocks(teacher, mod.COMPILE_BLOCKS)
             res["reference_compiled"] = args.compile and not eager_ref
 
             def ref():
@@ -1103,7 +1070,8 @@ def main(argv=None):
     opts.peak_tflops, peak_source = detect_peak_tflops(device, opts.peak_tflops)
     out = opts.out or os.path.join(ROOT, "bench", "results", f"speed_{device.type}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    log = common.get_logger(0)
+    logging.basicConfig(format="[%(asctime)s] %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    log = logging.getLogger("speed")
     notes = ["our step: the script's own train_step; reference: the original code's pattern (fp32 teacher copy, "
              "cond/uncond as two passes, the whole forward again for the D update), same models and losses",
              f"phase {opts.phase} loss weights; fixed teacher start index (solver steps shown)",

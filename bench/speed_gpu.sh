@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # bench/speed.py on one GPU (written for a fresh H100/H200 machine), within ~9 minutes of wall time.
 # Run from the repository root after installing the wheels (diffusers, webdataset, braceexpand, lpips;
-# torchvision must import too); results go to $OUT (the device tool sets it):
-#     bash bench/speed_gpu.sh
+# torchvision must import too); results go to $OUT (default ./gpu_out):
+#     OUT=/path/to/results bash bench/speed_gpu.sh
 # SDXL real, 1024 px, bf16. $OUT gets env.txt, one JSON per run and log.txt; the tables are printed at the
 # end, and `python bench/speed.py --table FILE.json` prints one again. Each run is guarded by `timeout`, so
 # an overrun does not lose the others, and saves its JSON as soon as a pattern finishes. The runs:
@@ -11,13 +11,11 @@
 #   3. batch 2, --gradient_checkpointing: memory, ours only
 #   4. batch 2, --compile (COMPILE_BLOCKS, in place) and --eager_too: compiled vs eager on the same models;
 #      its warm-up is the compile time
-# Seen on an H200 (2026-11-26): run 1 took 166 s, runs 2 and 3 34 s each, and run 4 about 95 s with the
-# transformer blocks alone compiled (40 s of compiling); with the ResNet blocks too, compiling takes 112 s,
-# so allow run 4 about 200 s (BUDGET=560 in all).
+# The caps below come from the times of the runs in bench/results/speed_h200_*.json (run 4 compiles first).
 set -u
 OUT=${OUT:-$PWD/gpu_out}
 BUDGET=${BUDGET:-560}  # seconds for all four; the last run gets what is left
-RES=$(mktemp -d)  # each run's full output; what comes back is copied to $OUT
+RES=$(mktemp -d)  # each run's full output; the results are copied to $OUT
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/inductor_cache}

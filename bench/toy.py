@@ -443,12 +443,20 @@ def markdown(rows, extra):
 
 
 def save_grid(images, labels, path, n_rows=9):
-    from common import image_grid
+    """A few evaluation prompts (rows) across the models (columns), upscaled to 128 px, labelled on top."""
+    from PIL import ImageDraw
+    from torchvision.transforms.functional import to_pil_image
+    from torchvision.utils import make_grid
     cols = [("teacher", 32), ("teacher", 4), ("student", 4), ("student", 2), ("student", 1)]
     picks = list(range(0, len(labels), max(1, len(labels) // n_rows)))[:n_rows]
-    to_pil = lambda x: Image.fromarray((x.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
-    rows = [[to_pil(images[c][i]) for c in cols] for i in picks]
-    image_grid(rows, labels=[f"{w} {s} step{'s' * (s > 1)}" for w, s in cols]).save(path)
+    x = torch.stack([images[c][i].float() for i in picks for c in cols])
+    x = torch.nn.functional.interpolate(x, scale_factor=max(1, 128 // x.shape[-1]), mode="nearest")
+    grid = to_pil_image(make_grid(x, nrow=len(cols), padding=0))
+    page = Image.new("RGB", (grid.width, grid.height + 14), "white")
+    page.paste(grid, (0, 14))
+    for j, (w, s) in enumerate(cols):
+        ImageDraw.Draw(page).text((j * x.shape[-1] + 2, 1), f"{w} {s} step{'s' * (s > 1)}", fill="black")
+    page.save(path)
 
 
 # ------------------------------------------------------------------------------------------------------

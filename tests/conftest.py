@@ -16,6 +16,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
+from speed import DENOISERS, clip_config, t5_config, tiny_vae  # noqa: E402  (the tiny configs, shared)
 from toy import byte_chars  # noqa: E402  (GPT-2's byte map, shared with the toy benchmark)
 
 torch.set_num_threads(2)
@@ -55,17 +56,9 @@ def make_sd_pipeline(path, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(seed)
     tok = byte_clip_tokenizer()
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=32, sample_size=32)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
-        vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
-        max_position_embeddings=77))
+    unet = UNet2DConditionModel(**DENOISERS[("sd", "tiny")][1])
+    vae = AutoencoderKL(**tiny_vae())
+    text_encoder = CLIPTextModel(CLIPTextConfig(**clip_config("tiny", vocab=len(tok))))
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tok, unet=unet, scheduler=sched,
@@ -137,18 +130,9 @@ def make_sdxl_pipeline(path, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(seed)
     tok = byte_clip_tokenizer()
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=32, sample_size=32, scaling_factor=0.13025)
-    cfg = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
-               vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
-               max_position_embeddings=77, hidden_act="gelu")
+    unet = UNet2DConditionModel(**DENOISERS[("sdxl", "tiny")][1])
+    vae = AutoencoderKL(**tiny_vae(scaling_factor=0.13025))
+    cfg = clip_config("tiny", vocab=len(tok), hidden_act="gelu")
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
@@ -172,20 +156,11 @@ def make_adapter_pipeline(path, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(seed)
     tok = byte_clip_tokenizer()
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4, 4),
-        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
-        projection_class_embeddings_input_dim=80, cross_attention_dim=64, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=32, sample_size=32, scaling_factor=0.13025)
+    unet = UNet2DConditionModel(**DENOISERS[("adapter", "tiny")][1])
+    vae = AutoencoderKL(**tiny_vae(scaling_factor=0.13025))
     adapter = T2IAdapter(in_channels=1, channels=[32, 64, 64, 64], num_res_blocks=1, downscale_factor=4,
                          adapter_type="full_adapter_xl")
-    cfg = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, projection_dim=32,
-               vocab_size=len(tok), bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
-               max_position_embeddings=77, hidden_act="gelu")
+    cfg = clip_config("tiny", vocab=len(tok), hidden_act="gelu")
     sched = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                    steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionXLAdapterPipeline(vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**cfg)),
@@ -215,16 +190,9 @@ def make_pixart_pipeline(path, seed=0):
     from transformers import T5Config, T5EncoderModel
     torch.manual_seed(seed)
     tok = t5_tokenizer()
-    transformer = PixArtTransformer2DModel(
-        sample_size=16, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=2,
-        caption_channels=32, in_channels=4, cross_attention_dim=16, out_channels=8, attention_bias=True,
-        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=32, sample_size=32)
-    text_encoder = T5EncoderModel(T5Config(vocab_size=len(tok), d_model=32, d_kv=8, d_ff=37, num_layers=2,
-                                           num_heads=4, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+    transformer = PixArtTransformer2DModel(**DENOISERS[("pixart", "tiny")][1])
+    vae = AutoencoderKL(**tiny_vae())
+    text_encoder = T5EncoderModel(T5Config(**t5_config("tiny", vocab=len(tok))))
     sched = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
     pipe = PixArtAlphaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
                                scheduler=sched)
@@ -245,17 +213,11 @@ def make_sd3_pipeline(path, seed=0):
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     torch.manual_seed(seed)
     tok, tok3 = byte_clip_tokenizer(), t5_tokenizer()
-    transformer = SD3Transformer2DModel(
-        sample_size=16, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4,
-        joint_attention_dim=64, caption_projection_dim=32, pooled_projection_dim=48, out_channels=16,
-        pos_embed_max_size=16)
-    vae = AutoencoderKL(block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=16,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=32, sample_size=32, shift_factor=0.0609, scaling_factor=1.5035,
-                        use_quant_conv=False, use_post_quant_conv=False)
-    clip = dict(intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tok),
-                bos_token_id=len(tok) - 2, eos_token_id=len(tok) - 1, pad_token_id=len(tok) - 1,
-                max_position_embeddings=77, hidden_act="gelu")
+    transformer = SD3Transformer2DModel(**DENOISERS[("sd3", "tiny")][1])
+    vae = AutoencoderKL(**tiny_vae(latent_channels=16, shift_factor=0.0609, scaling_factor=1.5035, use_quant_conv=False,
+                                   use_post_quant_conv=False))
+    clip = dict(clip_config("tiny", vocab=len(tok), hidden_act="gelu"))
+    del clip["hidden_size"], clip["projection_dim"]
     t5 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=64, d_kv=8, d_ff=37, num_layers=1, num_heads=4,
                                  pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
     pipe = StableDiffusion3Pipeline(

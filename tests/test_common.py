@@ -4,6 +4,8 @@ import io
 import itertools
 import math
 import multiprocessing
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
-from conftest import COLOURS, encode, good_samples, random_image, write_shard
+from conftest import COLOURS, ROOT, encode, good_samples, random_image, write_shard
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -310,8 +312,8 @@ def test_image_to_tensor_range():
 # data: the loader
 # ------------------------------------------------------------------------------------------------------
 
-def _loader(paths, min_aesthetic=None, **kw):
-    return common.make_loader([str(p) for p in paths], resolution=16, batch_size=2, num_workers=0,
+def _loader(paths, min_aesthetic=None, num_workers=0, **kw):
+    return common.make_loader([str(p) for p in paths], resolution=16, batch_size=2, num_workers=num_workers,
                               min_aesthetic=min_aesthetic, seed=0, **kw)
 
 
@@ -476,7 +478,8 @@ def _first_batch_error(paths, timeout, **kw):
 def test_no_sample_passes_the_filter_raises(tmp_path):
     path = _no_score_shard(tmp_path)
     name, msg = _first_batch_error([path], 60, min_aesthetic=6)
-    assert name == "RuntimeError" and "--min_aesthetic" in msg
+    assert name == "RunError" and "--min_aesthetic" in msg
+    assert "json keys seen: caption." in msg and "\n" not in msg
     # the same shard with the filter off loads
     texts = _texts(_take(_loader([path], min_aesthetic=-1), 3))
     assert len(texts) == 6 and all(t.startswith("no score") for t in texts)
@@ -486,7 +489,7 @@ def test_unreadable_shard_raises_instead_of_hanging(tmp_path):
     path = tmp_path / "junk.tar"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     name, msg = _first_batch_error([path], 60)
-    assert name == "RuntimeError" and "--shards" in msg
+    assert name == "RunError" and "--shards" in msg
 
 
 @pytest.mark.parametrize("kind", ["empty_tar", "no_sample_members"])
@@ -501,7 +504,85 @@ def test_shard_without_samples_raises_instead_of_hanging(tmp_path, kind):
                 info.size = 2
                 tar.addfile(info, io.BytesIO(b"hi"))
     name, msg = _first_batch_error([path], 10)
-    assert name == "RuntimeError" and "--shards" in msg
+    assert name == "RunError" and "--shards" in msg
+
+
+def _img2dataset_samples(n, rng, scores):
+    """Samples laid out as img2dataset writes them: <key>.jpg, <key>.txt (the caption) and <key>.json (the
+    caption again, the dataset's extra columns under their own names, url, status, sizes)."""
+    out = []
+    for i, score in zip(range(n), scores):
+        caption = f"a {list(COLOURS)[i % 4]} photo {i}"
+        out.append(dict(__key__=f"{i:09d}", jpg=encode(random_image(rng)), txt=caption.encode(),
+                        json=dict(caption=caption, aesthetic=score, url=f"https://example.com/{i}.jpg",
+                                  key=f"{i:09d}", status="success", width=48, height=40)))
+    return out
+
+
+def test_img2dataset_layout_with_its_aesthetic_column(tmp_path):
+    rng = np.random.default_rng(3)
+    scores = [7.5, "6.5", 5.0, float("nan"), "high", 8] * 2  # numbers written as strings are read
+    path = write_shard(tmp_path / "laion.tar", _img2dataset_samples(12, rng, scores))
+    loader = _loader([path], min_aesthetic=6, aesthetic_key="aesthetic")
+    texts = set(_texts(_take(loader, 12)))
+    kept = {f"a {list(COLOURS)[i % 4]} photo {i}" for i in range(12) if i % 6 in (0, 1, 5)}
+    assert texts == kept  # 5.0, NaN and "high" fail the filter: no usable score counts as no score
+    # under the default key nothing passes, and the message names the keys the samples carry
+    name, msg = _first_batch_error([path], 60, min_aesthetic=6)
+    assert name == "RunError"
+    assert "json keys seen: aesthetic, caption, height, key, status, url, width" in msg
+    assert "pass --aesthetic_key aesthetic or" in msg and "--min_aesthetic -1" in msg
+    assert "Members seen: jpg, json, txt" in msg
+
+
+def test_jpg_and_txt_shards_read_the_caption_from_the_txt(tmp_path):
+    rng = np.random.default_rng(4)
+    samples = [dict(jpg=encode(random_image(rng)), txt=f"cc3m caption {i}".encode()) for i in range(6)]
+    samples += [dict(jpg=encode(random_image(rng)), txt=b"  ")]  # blank: no caption
+    path = write_shard(tmp_path / "cc3m.tar", samples)
+    loader = _loader([path], min_aesthetic=-1, shuffle=1)
+    texts = _texts(_take(loader, 3))
+    assert texts == [f"cc3m caption {i}" for i in range(6)]
+    name, msg = _first_batch_error([path], 60, min_aesthetic=6)  # no score at all: the filter must be off
+    assert name == "RunError" and "--min_aesthetic -1" in msg
+
+
+def test_json_caption_wins_over_the_txt(tmp_path):
+    rng = np.random.default_rng(5)
+    path = write_shard(tmp_path / "both.tar", [dict(jpg=encode(random_image(rng)), txt=b"from txt",
+                                                    json={"caption": "from json"}) for _ in range(4)])
+    assert set(_texts(_take(_loader([path]), 2))) == {"from json"}
+
+
+def test_large_jpegs_decode_at_reduced_size_close_to_a_full_decode():
+    """draft() picks a 1/2 ... 1/8 JPEG scale that still covers the resolution; the crop barely changes."""
+    rng = np.random.default_rng(6)
+    small = rng.integers(0, 255, (30, 45, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((1800, 1200), Image.BICUBIC)  # smooth content, as photographs are
+    data = encode(img)
+    decoder = common.SampleDecoder(64)
+    out = decoder.decode(dict(jpg=data, json=b'{"caption": "c"}'))["pixel_values"]
+    with Image.open(io.BytesIO(data)) as full:
+        full.load()
+        ref = common.image_to_tensor(common.resize_center_crop(full.convert("RGB"), 64))
+    with Image.open(io.BytesIO(data)) as drafted:
+        drafted.draft(None, (64, 64))
+        assert drafted.size == (1800 // 8, 1200 // 8)  # decoded at 1/8 scale, still >= 64 px
+    assert out.shape == ref.shape == (3, 64, 64)
+    assert (out - ref).abs().mean() < 0.02  # in [-1, 1] units: about 1 % of the range
+
+
+def test_a_worker_stop_arrives_as_one_line(tmp_path):
+    """With data workers, the no-usable-sample stop is re-raised in the trainer as the one-line cause, not
+    inside DataLoader's traceback text. (A fresh process: DataLoader workers in a forked child can hang.)"""
+    path = _no_score_shard(tmp_path)
+    code = (f"import sys; sys.path.insert(0, {ROOT!r}); import common\n"
+            f"loader = common.make_loader([{str(path)!r}], 16, 2, num_workers=1, min_aesthetic=6)\n"
+            "try:\n    next(iter(loader))\nexcept common.RunError as e:\n    print(repr(str(e)))\nloader.close()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    msg = eval(r.stdout.strip().splitlines()[-1])
+    assert msg.startswith("no usable sample") and "\n" not in msg and "Traceback" not in msg
+    assert "--min_aesthetic" in msg
 
 
 # ------------------------------------------------------------------------------------------------------

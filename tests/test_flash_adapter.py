@@ -1,12 +1,11 @@
 """flash_adapter.py on a tiny SDXL + T2I-Adapter layout: the adapter's residuals reach every denoiser call,
 the edge maps come from the image or from the shard, and a run's LoRA loads into the stock adapter pipeline."""
-import json
 import os
 
 import numpy as np
 import pytest
 import torch
-from conftest import encode, random_image, write_shard
+from conftest import encode, load_state, metrics, random_image, write_shard
 from PIL import Image
 
 import common
@@ -30,7 +29,7 @@ def square_image(size=40):
 @pytest.fixture(scope="module")
 def loaded(adapter_model, shards, tmp_path_factory):
     args = flash_adapter.parse_args(argv(adapter_model, shards, tmp_path_factory.mktemp("o")))
-    return flash_adapter.load_models(args, torch.device("cpu"), torch.float32)
+    return flash_adapter.build(args, torch.device("cpu"))
 
 
 def test_defaults_are_the_adapter_column():
@@ -84,9 +83,8 @@ def test_bad_edge_maps_are_skipped_and_counted(tmp_path):
 
 
 def cond_for(loaded, prompts, edges, scale):
-    tokenizers, encoders, vae, unet, adapter, *_ = loaded
-    cond = flash_adapter.encode_text(tokenizers, encoders, prompts, 32, torch.device("cpu"))
-    cond["adapter"] = flash_adapter.adapter_residuals(adapter, edges, scale)
+    cond = flash_adapter.encode_text(loaded.tokenizers, loaded.text_encoders, prompts, 32, torch.device("cpu"))
+    cond["adapter"] = flash_adapter.adapter_residuals(loaded.adapter, edges, scale)
     return cond
 
 
@@ -94,10 +92,9 @@ def test_residuals_reach_the_teacher_solve_exactly_as_the_stock_adapter_pipeline
     """Both CFG halves get the residuals: our solve equals StableDiffusionXLAdapterPipeline's, and the
     adapter scale changes it."""
     from diffusers import StableDiffusionXLAdapterPipeline
-    tokenizers, encoders, vae, unet, adapter, sched, _ = loaded
-    m = flash_adapter.Models()
-    m.unet = unet
-    m.teacher_sched = sched
+    m = loaded
+    tokenizers, encoders, vae, unet, adapter, sched = (m.tokenizers, m.text_encoders, m.vae, m.unet, m.adapter,
+                                                       m.teacher_sched)
     prompts = ["a red square", "a blue circle"]
     torch.manual_seed(0)
     edges, x_t = torch.rand(2, 1, 32, 32), torch.randn(2, 4, 16, 16)
@@ -119,7 +116,7 @@ def test_residuals_reach_the_teacher_solve_exactly_as_the_stock_adapter_pipeline
 
 
 def test_residuals_reach_the_student_and_the_features_including_the_mid_one(loaded):
-    tokenizers, encoders, vae, unet, adapter, *_ = loaded
+    unet = loaded.unet
     torch.manual_seed(1)
     edges, x, t = torch.rand(2, 1, 32, 32), torch.randn(2, 4, 16, 16), torch.tensor([10, 750])
     cond, off = cond_for(loaded, ["a", "b"], edges, 0.8), cond_for(loaded, ["a", "b"], edges, 0.0)
@@ -144,15 +141,16 @@ def test_residuals_reach_the_student_and_the_features_including_the_mid_one(load
 @pytest.fixture(scope="module")
 def e2e(adapter_model, shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e") / "run"
-    m = flash_adapter.main(argv(adapter_model, shards, out, "--lr", "3e-3", "--checkpoint_every", "2",
-                                "--sample_every", "4"))
+    m, step = flash_adapter.main(argv(adapter_model, shards, out, "--lr", "3e-3", "--checkpoint_every", "2",
+                                      "--sample_every", "4"))
+    assert step == 4
     return out, m
 
 
 def test_end_to_end_run_and_the_lora_in_a_stock_adapter_pipeline(e2e, adapter_model):
     from diffusers import LCMScheduler, StableDiffusionXLAdapterPipeline
     out, m = e2e
-    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    rows = metrics(out)
     assert [r["phase"] for r in rows] == [0, 1, 2, 3] and all(r["dmd"] > 0 and r["adv"] > 0 for r in rows[1:])
     grid = Image.open(out / "samples" / "step_000004.png")
     assert grid.size == (5 * 128, 2 * 128 + 14)  # edges, teacher, student 1/2/4
@@ -173,10 +171,29 @@ def test_end_to_end_run_and_the_lora_in_a_stock_adapter_pipeline(e2e, adapter_mo
     assert np.abs(run() - before).max() > 1e-3
 
 
-def test_resume(adapter_model, shards, tmp_path):
+def test_resume_continues_from_the_saved_state(adapter_model, shards, tmp_path, monkeypatch):
+    from peft.utils import get_peft_model_state_dict
     out = tmp_path / "run"
-    args = ["--phase_steps", "1", "1", "0", "0", "--checkpoint_every", "1", "--keep_checkpoints", "0"]
-    assert flash_adapter.main(argv(adapter_model, shards, out, *args, "--max_steps", "1")).step == 1
-    m = flash_adapter.main(argv(adapter_model, shards, out, *args, "--resume", "latest"))
-    assert m.step == 2 and sorted(os.listdir(out / "checkpoints")) == ["step_000001", "step_000002"]
-    assert int(common.load_training_state(out / "checkpoints" / "step_000002")["opt_g"]["state"][0]["step"]) == 2
+    args = ["--phase_steps", "1", "1", "0", "0", "--checkpoint_every", "1", "--keep_checkpoints", "0", "--lr", "3e-3"]
+    _, step = flash_adapter.main(argv(adapter_model, shards, out, *args, "--max_steps", "1"))
+    assert step == 1
+    saved = load_state(out / "checkpoints" / "step_000001")
+    first_seen = {}
+    real_step = flash_adapter.train_step
+
+    def spy(m, student, disc, batch, *a):  # what the resumed run's first step starts from
+        if not first_seen:
+            first_seen.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.unet).items()},
+                              disc={k: v.clone() for k, v in m.disc.state_dict().items()}, edges=batch["edges"].shape)
+        return real_step(m, student, disc, batch, *a)
+
+    monkeypatch.setattr(flash_adapter, "train_step", spy)
+    _, step = flash_adapter.main(argv(adapter_model, shards, out, *args, "--resume", "latest"))
+    assert step == 2 and [r["step"] for r in metrics(out)] == [1, 2]
+    assert saved["step"] == 1 and max(v.abs().max() for k, v in saved["lora"].items() if "lora_B" in k) > 0
+    assert first_seen["edges"] == (2, 1, 32, 32)  # the loader's edge maps reach the step
+    assert all(torch.equal(first_seen["lora"][k], saved["lora"][k]) for k in saved["lora"])
+    assert all(torch.equal(first_seen["disc"][k], saved["disc"][k]) for k in saved["disc"])
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000001", "step_000002"]
+    # Adam continued from the saved state: its step count goes on from 1
+    assert {int(s["step"]) for s in load_state(out / "checkpoints" / "step_000002")["opt_g"]["state"].values()} == {2}
