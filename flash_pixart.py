@@ -30,7 +30,10 @@ import math
 import os
 import resource
 import shutil
+import shlex
 import signal
+import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -43,6 +46,7 @@ from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler,
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageDraw
+from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torchvision.transforms.functional import to_pil_image
 from torchvision.utils import make_grid
@@ -96,6 +100,7 @@ def parse_args(argv=None):
     a("--resolution", type=int, default=RESOLUTION, help="training resolution (square; short side resized, centre crop)")
     a("--batch_size", type=int, default=BATCH_SIZE, help="images per GPU per generator update")
     a("--min_aesthetic", type=float, default=MIN_AESTHETIC, help="keep samples with json aesthetic_score >= this; <0: off")
+    a("--aesthetic_key", default="aesthetic_score", help="json key of the score --min_aesthetic reads")
     a("--num_workers", type=int, default=4, help="data loading processes per GPU")
     # schedule: 4 phases (paper section 3.2)
     a("--phase_steps", type=int, nargs=4, default=PHASE_STEPS, help="generator updates per phase")
@@ -140,9 +145,21 @@ def checkpoints(output_dir):
     return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[5:]))]
 
 
+def checkpoint_error(folder, state, e):
+    """The one-line cause of a failed checkpoint write; for a full disk, the free and the needed space."""
+    size = lambda x: (x.numel() * x.element_size() if torch.is_tensor(x) else sum(map(size, x.values()))
+                      if isinstance(x, dict) else sum(map(size, x)) if isinstance(x, (list, tuple)) else 0)
+    free, need = shutil.disk_usage(os.path.dirname(folder)).free, size(state) + size(state["lora"])
+    cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if getattr(e, "errno", None) == 28 or free < need:
+        cause = f"no space left on device: {free / 1e9:.3f} GB free, about {need / 1e9:.3f} GB needed"
+    return (f"checkpoint {folder} could not be written ({cause}); its .tmp folder was removed and the earlier "
+            "checkpoints are intact: fix the cause, then continue with --resume latest")
+
+
 def check_args(args):
     """Everything that can be checked before a model is loaded; a UsageError names the flag and the fix.
-    Returns the checkpoint folder to resume from, or None."""
+    Returns the checkpoint folders to resume from, newest first (none for a new run)."""
     for flag in ("batch_size", "resolution", "log_every", "sample_every", "checkpoint_every", "max_steps",
                  "lora_rank", "lora_alpha", "lr", "lr_disc"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
@@ -159,11 +176,26 @@ def check_args(args):
                                     "--dmd_weights, --adv_weights for it")
     if not 4 <= args.num_teacher_steps <= 1000:  # the mixture's 4 modes sit at multiples of K // 4
         raise common.UsageError("--num_teacher_steps: K must be between 4 and 1000")
+    if any(not p.strip() for p in args.validation_prompts):
+        raise common.UsageError("--validation_prompts: an empty prompt; give each prompt as a non-empty quoted string")
+    if os.path.isfile(args.output_dir):
+        raise common.UsageError(f"--output_dir {args.output_dir}: a file, not a folder; choose another --output_dir")
+    try:
+        os.makedirs(args.output_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=args.output_dir).close()
+    except OSError as e:
+        raise common.UsageError(f"--output_dir {args.output_dir}: cannot write there ({e.strerror}); choose a "
+                                "writable folder") from None
     common.expand_shards(args.shards)
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
         net_cfg = PixArtTransformer2DModel.load_config(args.model, subfolder="transformer")
     except Exception as e:
+        if not os.path.isdir(args.model):  # a hub id: the download failed
+            raise common.UsageError(f"--model {args.model}: not a local folder, and the Hugging Face Hub could not "
+                                    f"provide it ({type(e).__name__}: offline, a typo, or a gated model that needs "
+                                    "`hf auth login`); "
+                                    "download it with `hf download ID --local-dir DIR` and pass that folder") from e
         first_line = str(e).splitlines()[0] if str(e) else ""
         raise common.UsageError(f"--model {args.model}: cannot read a diffusers PixArt layout there (vae/ and "
                                 f"transformer/ configs): {type(e).__name__}: {first_line}") from e
@@ -179,16 +211,19 @@ def check_args(args):
         if not found:
             raise common.UsageError(f"--resume latest: no checkpoint in {args.output_dir}/checkpoints; "
                                     "drop --resume to start a new run")
-        return found[-1]
+        return found[::-1]  # newest first: main falls back to an older one if the newest does not load
     if args.resume:
         if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
             raise common.UsageError(f"--resume {args.resume}: no training_state.pt there; give a "
                                     "checkpoints/step_NNNNNN folder or 'latest'")
-        return args.resume
-    if (found or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl"))) and not args.overwrite:
+        return [args.resume]
+    if found and not args.overwrite:
         raise common.UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume latest to "
                                 "continue it, --overwrite to start over there, or choose another --output_dir")
-    return None
+    if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")) and not args.overwrite:
+        raise common.UsageError(f"--output_dir {args.output_dir} holds a run that wrote no checkpoint (metrics.jsonl "
+                                "only); pass --overwrite to start over there, or choose another --output_dir")
+    return []
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -441,8 +476,24 @@ def sample_grid(m, args, step):
 
 def export_lora(net, out_dir):
     """A PEFT adapter folder (adapter_config.json with rank and alpha, adapter_model.safetensors) that
-    PeftModel.from_pretrained(pipe.transformer, out_dir) loads into a stock PixArtAlphaPipeline."""
+    PeftModel.from_pretrained(pipe.transformer, out_dir) loads into a stock PixArtAlphaPipeline; and
+    flash_pixart_comfyui.safetensors for ComfyUI (comfyui_state_dict)."""
     net.save_pretrained(out_dir)
+    save_file(comfyui_state_dict(net), os.path.join(out_dir, "flash_pixart_comfyui.safetensors"))
+
+
+def comfyui_state_dict(net):
+    """The LoRA in the form ComfyUI maps onto its PixArt model: transformer.<diffusers module path>.lora_down.weight
+    (PEFT's lora_A), .lora_up.weight (lora_B) and .alpha, the trained alpha (ComfyUI takes alpha = r where a
+    module has no .alpha, 8x too strong at the default rank 64, alpha 8). Conv LoRA keeps its 4-D shapes."""
+    alpha = float(net.peft_config["default"].lora_alpha)
+    parts = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}
+    out = {}
+    for k, v in get_peft_model_state_dict(net).items():
+        path, part = k.removeprefix("base_model.model.").rsplit(".lora_", 1)  # the PeftModel wrapper's prefix
+        out[f"transformer.{path}.{parts[part]}"] = v.contiguous()
+        out[f"transformer.{path}.alpha"] = torch.tensor(alpha)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -451,7 +502,7 @@ def export_lora(net, out_dir):
 
 def main(argv=None):
     args = parse_args(argv)
-    resume_dir = check_args(args)
+    resume_from = check_args(args)
 
     # processes: torchrun sets RANK (one process per device, nccl on CUDA, gloo on CPU); else a single one
     ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
@@ -474,11 +525,14 @@ def main(argv=None):
     log = logging.getLogger("flash_pixart")
     log.handlers.clear()
     log.propagate = False
-    log.setLevel(logging.INFO)
+    log.setLevel(logging.DEBUG)
     handlers = [logging.StreamHandler(), logging.FileHandler(os.path.join(args.output_dir, "log.txt"))] if rank == 0 else []
     for h in handlers or [logging.NullHandler()]:
         h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
+        h.setLevel(logging.DEBUG if isinstance(h, logging.FileHandler) else logging.INFO)  # tracebacks: log.txt only
         log.addHandler(h)
+    log.info(f"command: {shlex.join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])}")
+    log.info(f"flags: {json.dumps(vars(args))}")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # the LoRA and the head start identical on every rank
 
@@ -506,9 +560,18 @@ def main(argv=None):
              f"{sum(p.numel() for p in m.disc.parameters()) / 1e6:.2f}M trainable parameters; "
              f"{world_size} process(es) on {device.type}")
 
-    step, nonfinite = 0, 0
-    if resume_dir:  # the LoRA's shape and scale and the model must match; other flags may change
-        state = torch.load(os.path.join(resume_dir, "training_state.pt"), map_location="cpu", weights_only=True)
+    step, nonfinite, state = 0, 0, None
+    for ckpt in resume_from:  # newest first: an unreadable one is named and the next newest tried
+        try:
+            state = torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu", weights_only=True)
+            break
+        except Exception as e:
+            log.info(f"--resume: {ckpt}/training_state.pt does not load ({type(e).__name__}: "
+                     f"{str(e).splitlines()[0] if str(e) else ''}); trying the next newest")
+    if resume_from and state is None:
+        raise common.RunError(f"--resume: no checkpoint loads ({', '.join(resume_from)}); start over with "
+                              "--overwrite, or give a readable checkpoint folder with --resume PATH")
+    if state is not None:  # the LoRA's shape and scale and the model must match; other flags may change
         for flag in ("model", "lora_rank", "lora_alpha"):
             if state["config"][flag] != getattr(args, flag):
                 raise common.UsageError(f"--resume: the checkpoint has --{flag} {state['config'][flag]}, this run "
@@ -521,14 +584,17 @@ def main(argv=None):
             for group in opt.param_groups:
                 group["lr"] = lr  # the command line wins over the saved learning rate
         step, nonfinite = state["step"], state["nonfinite"]
-        changed = {k: (state["config"].get(k), v) for k, v in vars(args).items()
-                   if k not in ("resume", "overwrite") and state["config"].get(k) != v}
-        log.info(f"resumed from {resume_dir} at step {step}; flags changed since (saved, now): {changed}")
+        saved = dict(state["config"], world_size=state["world_size"])
+        now = dict(vars(args), world_size=world_size)
+        saved["global_batch"], now["global_batch"] = saved["world_size"] * saved["batch_size"], world_size * args.batch_size
+        changed = {k: (saved.get(k), v) for k, v in now.items() if k not in ("resume", "overwrite") and saved.get(k) != v}
+        log.info(f"resumed from {ckpt} at step {step}; changed since (saved, now): {changed}")
     # each rank draws its own noise; a resumed run draws new noise and reads new samples
     torch.manual_seed(args.seed + rank + 100_003 * step)
     total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
     loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers, args.min_aesthetic,
-                                seed=args.seed + 100_003 * step, rank=rank, world_size=world_size)
+                                seed=args.seed + 100_003 * step, rank=rank, world_size=world_size,
+                                aesthetic_key=args.aesthetic_key)
 
     # SIGTERM (torchrun, SLURM) and Ctrl-C: finish the step, agree across ranks, checkpoint, stop
     stop_requested = False
@@ -557,9 +623,10 @@ def main(argv=None):
                     nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
                     log.info(f"step {step}: non-finite loss, update skipped ({in_a_row} in a row)")
                     if in_a_row >= MAX_NONFINITE:
-                        raise RuntimeError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; the last good "
-                                           f"checkpoint is in {args.output_dir}/checkpoints. Try a lower --lr, "
-                                           "--mixed_precision no, or check the data.")
+                        found = checkpoints(args.output_dir)
+                        raise common.RunError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; " + (
+                            f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet")
+                            + ". Try a lower --lr, --mixed_precision no, or check the data.")
                 else:
                     opt_g.step()
                     opt_d.step()
@@ -593,21 +660,33 @@ def main(argv=None):
                         log.info(f"samples: {sample_grid(m, args, step)}")
                     barrier()
                 if stop or not bad and (step % args.checkpoint_every == 0 or done):
-                    if rank == 0:  # written under a temporary name and renamed when complete
+                    failed = None
+                    if rank == 0:  # written under a temporary name, read back, renamed when complete
                         final = os.path.join(args.output_dir, "checkpoints", f"step_{step:06d}")
-                        shutil.rmtree(final + ".tmp", ignore_errors=True)
-                        os.makedirs(final + ".tmp")
-                        torch.save(dict(step=step, nonfinite=nonfinite, config=vars(args),
-                                        lora=get_peft_model_state_dict(m.transformer), disc=m.disc.state_dict(),
-                                        opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict()),
-                                   os.path.join(final + ".tmp", "training_state.pt"))
-                        export_lora(m.transformer, final + ".tmp")
-                        shutil.rmtree(final, ignore_errors=True)
-                        os.rename(final + ".tmp", final)
-                        for old in checkpoints(args.output_dir)[:-args.keep_checkpoints] if args.keep_checkpoints else []:
-                            shutil.rmtree(old, ignore_errors=True)
-                        log.info(f"checkpoint at step {step}")
-                    barrier()
+                        state = dict(step=step, nonfinite=nonfinite, config=vars(args), world_size=world_size,
+                                     lora=get_peft_model_state_dict(m.transformer), disc=m.disc.state_dict(),
+                                     opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict())
+                        try:
+                            shutil.rmtree(final + ".tmp", ignore_errors=True)
+                            os.makedirs(final + ".tmp")
+                            torch.save(state, os.path.join(final + ".tmp", "training_state.pt"))
+                            export_lora(m.transformer, final + ".tmp")
+                            torch.load(os.path.join(final + ".tmp", "training_state.pt"), mmap=True, weights_only=True)
+                        except Exception as e:
+                            shutil.rmtree(final + ".tmp", ignore_errors=True)
+                            failed = checkpoint_error(final, state, e)
+                        else:
+                            shutil.rmtree(final, ignore_errors=True)
+                            os.rename(final + ".tmp", final)
+                            keep = args.keep_checkpoints
+                            for old in checkpoints(args.output_dir)[:-keep] if keep else []:
+                                shutil.rmtree(old, ignore_errors=True)
+                            log.info(f"checkpoint at step {step}")
+                    flag = torch.tensor(float(failed is not None), device=device)
+                    if ddp:  # also the barrier after the write: every rank stops if rank 0's write failed
+                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    if flag.item():
+                        raise common.RunError(failed or "rank 0 could not write the checkpoint; its log says why")
                 if stop:
                     log.info(f"stop requested: saved step {step}; continue with --resume latest")
                     break
@@ -629,5 +708,6 @@ def main(argv=None):
 if __name__ == "__main__":
     try:
         main()
-    except common.UsageError as e:
+    except (common.UsageError, common.RunError) as e:
+        logging.getLogger("flash_pixart").debug("stopped by:", exc_info=True)  # the traceback goes to log.txt only
         raise SystemExit(f"flash_pixart.py: error: {e}")

@@ -60,7 +60,7 @@ def test_unknown_flag_fails():
 
 
 @pytest.mark.parametrize("case, flag", [("shards", "--shards"), ("model", "--model"), ("resolution", "--resolution"),
-                                        ("output", "--resume"), ("guidance", "--guidance_min"),
+                                        ("output", "--output_dir"), ("guidance", "--guidance_min"),
                                         ("lr", "--lr must be positive")])
 def test_bad_start_up_input_is_one_clear_error(sd_model, shards, tmp_path, case, flag):
     out = tmp_path / "run"

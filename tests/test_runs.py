@@ -2,6 +2,7 @@
 checkpoints, resume and signal handling, so each one is tested here, on its tiny model, through main(argv)
 or as real torchrun processes."""
 import importlib
+import json
 import os
 import shutil
 import signal
@@ -57,54 +58,124 @@ def test_checkpoint_folders_are_ordered_by_step_and_skip_interrupted_writes(scri
     assert mod.checkpoints(str(tmp_path / "nothing")) == []
 
 
+def mount_tmpfs(path, options):
+    """A small tmpfs at `path` (a full disk or a read-only one, for real); skips the test where mounting is
+    not allowed."""
+    os.makedirs(path, exist_ok=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+
+
 def test_output_dir_and_resume_are_checked_at_start_up(script, shards, tmp_path):
     mod, argv = script
     out = tmp_path / "run"
-    assert mod.check_args(mod.parse_args(argv(shards, out))) is None  # a new folder: a new run
+    assert mod.check_args(mod.parse_args(argv(shards, out))) == []  # a new folder: a new run
     for flags, says in ((["--resume", "latest"], "no checkpoint"),
-                        (["--resume", str(tmp_path)], "no training_state.pt")):
-        with pytest.raises(common.UsageError, match=says):
+                        (["--resume", str(tmp_path)], "no training_state.pt"),
+                        (["--validation_prompts", "a cat", " "], "--validation_prompts: an empty prompt"),
+                        (["--model", "nobody/no-such-model"], "not a local folder, and the Hugging Face Hub")):
+        with pytest.raises(common.UsageError, match=says) as e:
             mod.check_args(mod.parse_args(argv(shards, out, *flags)))
-    out.mkdir()
-    (out / "metrics.jsonl").write_text("{}\n")
-    with pytest.raises(common.UsageError, match="--overwrite") as e:
+        assert "\n" not in str(e.value)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(common.UsageError, match="a file, not a folder"):
+        mod.check_args(mod.parse_args(argv(shards, tmp_path / "a_file")))
+    # a start that failed before its first checkpoint leaves an empty checkpoints/: a new start is fine there
+    (out / "checkpoints").mkdir(parents=True)
+    assert mod.check_args(mod.parse_args(argv(shards, out))) == []
+    (out / "metrics.jsonl").write_text("{}\n")  # metrics but no checkpoint: nothing to resume, so say --overwrite
+    with pytest.raises(common.UsageError, match="wrote no checkpoint") as e:
         mod.check_args(mod.parse_args(argv(shards, out)))
-    assert "--resume latest" in str(e.value) and "\n" not in str(e.value)
-    assert mod.check_args(mod.parse_args(argv(shards, out, "--overwrite"))) is None
-    ckpt = out / "checkpoints" / "step_000007"
-    ckpt.mkdir(parents=True)
-    (ckpt / "training_state.pt").write_bytes(b"")
-    assert mod.check_args(mod.parse_args(argv(shards, out, "--resume", "latest"))) == str(ckpt)
+    assert "--overwrite" in str(e.value) and "--resume" not in str(e.value)
+    assert mod.check_args(mod.parse_args(argv(shards, out, "--overwrite"))) == []
+    for name in ("step_000007", "step_000012"):
+        (out / "checkpoints" / name).mkdir()
+        (out / "checkpoints" / name / "training_state.pt").write_bytes(b"")
+    with pytest.raises(common.UsageError, match="--resume latest"):
+        mod.check_args(mod.parse_args(argv(shards, out)))
+    assert mod.check_args(mod.parse_args(argv(shards, out, "--resume", "latest"))) == [
+        str(out / "checkpoints" / "step_000012"), str(out / "checkpoints" / "step_000007")]  # newest first
 
 
-def test_resume_refuses_another_lora_or_model_and_continues_otherwise(script, shards, tmp_path):
+def test_a_read_only_output_dir_is_one_clear_error(script, shards, tmp_path):
+    mod, argv = script
+    mount_tmpfs(tmp_path / "ro", "ro,size=1m")
+    try:
+        with pytest.raises(common.UsageError, match="cannot write there .Read-only file system.") as e:
+            mod.check_args(mod.parse_args(argv(shards, tmp_path / "ro" / "run")))
+        assert "\n" not in str(e.value)
+    finally:
+        subprocess.run(["umount", str(tmp_path / "ro")])
+
+
+def test_resume_refuses_another_lora_or_model_and_falls_back_past_an_unreadable_checkpoint(script, shards, tmp_path):
     mod, argv = script
     out = tmp_path / "run"
-    flags = ["--phase_steps", "1", "1", "0", "0", "--checkpoint_every", "1", "--keep_checkpoints", "1"]
-    _, step = mod.main(argv(shards, out, *flags, "--max_steps", "1"))
-    assert step == 1
+    flags = ["--phase_steps", "1", "1", "1", "0", "--checkpoint_every", "1", "--keep_checkpoints", "0"]
+    _, step = mod.main(argv(shards, out, *flags, "--max_steps", "2"))
+    assert step == 2 and sorted(os.listdir(out / "checkpoints")) == ["step_000001", "step_000002"]
     model = mod.parse_args(argv(shards, out)).model
     shutil.copytree(model, tmp_path / "copy")
     for flag, value in (("--lora_alpha", "4"), ("--lora_rank", "2"), ("--model", str(tmp_path / "copy"))):
         with pytest.raises(common.UsageError, match=f"the checkpoint has {flag}"):
             mod.main(argv(shards, out, *flags, "--resume", "latest", flag, value))
-    _, step = mod.main(argv(shards, out, *flags, "--resume", "latest"))
-    assert step == 2 and [r["step"] for r in metrics(out)] == [1, 2]
-    assert os.listdir(out / "checkpoints") == ["step_000002"]  # rotation kept the newest only
-    state = load_state(out / "checkpoints" / "step_000002")
-    assert state["step"] == 2 and {int(s["step"]) for s in state["opt_g"]["state"].values()} == {2}
+    # the newest checkpoint truncated (a lost node, a bad copy): resume names it and takes the next newest,
+    # which says it was written by 2 processes, so the log says what changes with 1
+    first = load_state(out / "checkpoints" / "step_000001")
+    torch.save(dict(first, world_size=2), out / "checkpoints" / "step_000001" / "training_state.pt")
+    newest = out / "checkpoints" / "step_000002" / "training_state.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    _, step = mod.main(argv(shards, out, *flags, "--resume", "latest", "--keep_checkpoints", "1"))
+    assert step == 3 and [r["step"] for r in metrics(out)] == [1, 2, 2, 3]  # step 2 done again
+    log = open(out / "log.txt").read()
+    assert f"{newest} does not load" in log and f"resumed from {out}/checkpoints/step_000001 at step 1" in log
+    assert "'world_size': (2, 1)" in log and "'global_batch': (4, 2)" in log
+    assert "command: " in log and '"lora_rank": 4' in log  # the command line and the resolved flags
+    assert os.listdir(out / "checkpoints") == ["step_000003"]  # rotation kept the newest only
+    state = load_state(out / "checkpoints" / "step_000003")
+    assert state["step"] == 3 and state["world_size"] == 1
+    assert {int(s["step"]) for s in state["opt_g"]["state"].values()} == {3}  # AdamW continued from step 1
+    # nothing loads: one clear stop
+    (out / "checkpoints" / "step_000003" / "training_state.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(common.RunError, match="no checkpoint loads"):
+        mod.main(argv(shards, out, *flags, "--resume", "latest"))
+
+
+def test_a_full_disk_while_checkpointing_stops_cleanly_and_keeps_the_checkpoints(script, shards, tmp_path):
+    mod, argv = script
+    out = tmp_path / "run"
+    ckpts = out / "checkpoints"
+    mount_tmpfs(ckpts, "size=256m")
+    try:
+        flags = ["--phase_steps", "1", "1", "0", "0", "--checkpoint_every", "1", "--keep_checkpoints", "0"]
+        mod.main(argv(shards, out, *flags, "--max_steps", "1"))
+        used = sum(f.stat().st_size for f in (ckpts / "step_000001").iterdir())
+        subprocess.run(["mount", "-o", f"remount,size={used // 1024 + 64}k", str(ckpts)], check=True)
+        with pytest.raises(common.RunError) as e:
+            mod.main(argv(shards, out, *flags, "--resume", "latest"))
+        msg = str(e.value)
+        assert f"checkpoint {ckpts}/step_000002 could not be written (no space left on device: " in msg
+        assert "GB free, about" in msg and "the earlier checkpoints are intact" in msg and "\n" not in msg
+        assert os.listdir(ckpts) == ["step_000001"]  # the half-written .tmp folder is gone, the old one kept
+        assert load_state(ckpts / "step_000001")["step"] == 1
+    finally:
+        subprocess.run(["umount", str(ckpts)])
 
 
 def test_nonfinite_losses_skip_updates_then_stop_keeping_the_checkpoint(script, shards, tmp_path):
     mod, argv = script
     out = tmp_path / "run"  # an absurd learning rate blows the LoRA up after the first update
-    with pytest.raises(RuntimeError, match="non-finite losses in a row") as e:
+    with pytest.raises(common.RunError, match="non-finite losses in a row") as e:
         mod.main(argv(shards, out, "--lr", "1e30", "--lr_disc", "1e30", "--phase_steps", "0", "20", "0", "0",
                       "--checkpoint_every", "1"))
-    assert f"{out}/checkpoints" in str(e.value)
     ckpts = mod.checkpoints(str(out))
-    assert ckpts and load_state(ckpts[-1])["step"] <= 2
+    assert f"the last good checkpoint is {ckpts[-1]}" in str(e.value)
+    assert load_state(ckpts[-1])["step"] <= 2
     assert open(out / "log.txt").read().count("non-finite loss, update skipped") == mod.MAX_NONFINITE
+    with pytest.raises(common.RunError, match="no checkpoint was written yet"):  # not a pointer to nothing
+        mod.main(argv(shards, tmp_path / "early", "--lr", "1e30", "--lr_disc", "1e30", "--phase_steps", "0", "20",
+                      "0", "0"))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -212,3 +283,52 @@ def test_sigterm_to_the_process_group_checkpoints_and_stops(script, shards, tmp_
     assert os.listdir(out / "checkpoints") == [f"step_{r0['step']:06d}"]
     assert "continue with --resume latest" in open(out / "log.txt").read()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+CLI_DRIVER = textwrap.dedent("""
+    import json, os, runpy, sys
+    sys.path.insert(0, {root!r})
+    out = {{}}
+    for name, argv in json.loads(sys.argv[1]).items():  # each script's __main__, as `python flash_x.py ...` runs it
+        sys.argv = [name + ".py", *argv]
+        try:
+            runpy.run_path(os.path.join({root!r}, name + ".py"), run_name="__main__")
+            out[name] = None
+        except SystemExit as e:
+            out[name] = str(e.code)
+    import common  # the real LPIPS, its weights not downloadable: one line that says where to put them
+    try:
+        common.make_lpips()
+        out["lpips"] = None
+    except common.UsageError as e:
+        out["lpips"] = str(e)
+    print(json.dumps(out))
+""")
+
+
+def test_failures_end_with_one_line_naming_the_cause_and_the_traceback_goes_to_the_log(request, shards, tmp_path):
+    """Each script's command line, run as `python flash_x.py`: a pipe: shard command that fails stops with one
+    line (its SystemExit message), and the traceback is in log.txt instead; all five scripts in one process."""
+    runs = {}
+    for name, (fixture, extra, _) in SCRIPTS.items():
+        model = request.getfixturevalue(fixture)
+        runs[name] = ["--model", model, *(e.format(model=model) for e in extra), "--shards", "pipe:false",
+                      "--output_dir", str(tmp_path / name), "--resolution", "32", "--batch_size", "2",
+                      "--num_teacher_steps", "4", "--mixed_precision", "no", "--num_workers", "0", "--lora_rank", "4",
+                      "--distill_loss", "l2", "--validation_prompts", "a red square"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "torch_home"),
+               https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")  # no download can start
+    r = subprocess.run([sys.executable, "-c", CLI_DRIVER.format(root=ROOT), json.dumps(runs)], capture_output=True,
+                       text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    for name in SCRIPTS:
+        msg = out[name]
+        assert msg.startswith(f"{name}.py: error: --shards: 50 read errors and not one sample read (last: "), msg
+        assert "pipe:false" in msg and "a pipe: command runs on its own" in msg and "\n" not in msg
+        log = open(tmp_path / name / "log.txt").read()
+        assert "Traceback (most recent call last)" in log and "RunError" in log
+    assert "Traceback" not in r.stderr
+    msg = out["lpips"]
+    assert msg.startswith("--distill_loss lpips needs torchvision's VGG16 weights") and "\n" not in msg
+    assert "vgg16-397923af.pth into ~/.cache/torch/hub/checkpoints/" in msg and "--distill_loss l2" in msg
