@@ -22,6 +22,16 @@ from toy import byte_chars  # noqa: E402  (GPT-2's byte map, shared with the toy
 torch.set_num_threads(2)
 
 
+# script: (its tiny model's fixture, extra flags, the attribute holding the denoiser with its LoRA)
+SCRIPTS = {
+    "flash_sd": ("sd_model", [], "unet"),
+    "flash_sdxl": ("sdxl_model", [], "unet"),
+    "flash_adapter": ("adapter_model", ["--adapter", "{model}/adapter"], "unet"),
+    "flash_pixart": ("pixart_model", [], "transformer"),
+    "flash_sd3": ("sd3_model", [], "transformer"),
+}
+
+
 def load_state(ckpt_dir):
     """A checkpoint's training_state.pt, loaded as the scripts load it."""
     return torch.load(os.path.join(ckpt_dir, "training_state.pt"), map_location="cpu", weights_only=True)

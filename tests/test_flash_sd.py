@@ -251,8 +251,8 @@ def test_end_to_end_writes_metrics_samples_checkpoints_and_lora(e2e_run):
     assert data["read"] >= 8 + data["bad_image"] + data["no_caption"]
     # one checkpoint kept (the newest), the grid, the final LoRA
     assert sorted(os.listdir(out / "checkpoints")) == ["step_000004"]
-    assert set(os.listdir(out / "checkpoints" / "step_000004")) == {"training_state.pt",
-                                                                   "pytorch_lora_weights.safetensors"}
+    assert set(os.listdir(out / "checkpoints" / "step_000004")) == {
+        "training_state.pt", "pytorch_lora_weights.safetensors", "flash_sd_comfyui.safetensors"}
     from PIL import Image
     grid = Image.open(out / "samples" / "step_000004.png")
     assert grid.size == (4 * 128, 2 * 128 + 14)  # 4 columns (teacher, student 1/2/4) x 2 prompts, upscaled
@@ -384,3 +384,22 @@ def test_gradient_checkpointing_gives_the_same_update(sd_model, shards, tmp_path
     a, b = (get_peft_model_state_dict(r.unet) for r in runs)
     assert max(a[k].abs().max() for k in a if "lora_B" in k) > 1e-3  # B starts at zero: the update moved it
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_public_dataset_layouts_train(sd_model, tmp_path):
+    """Shards as img2dataset writes them (jpg + txt + json with caption and LAION-aesthetics' `aesthetic`)
+    train with --aesthetic_key aesthetic; jpg + txt shards (cc3m-wds) with --min_aesthetic -1."""
+    rng = np.random.default_rng(7)
+    laion = [dict(__key__=f"{i:09d}", jpg=encode(random_image(rng)), txt=f"laion {i}".encode(),
+                  json={"caption": f"laion {i}", "aesthetic": [7.1, "6.5", 3.0][i % 3], "url": "https://x", "key": i})
+             for i in range(9)]
+    cc3m = [dict(__key__=f"{i:09d}", jpg=encode(random_image(rng)), txt=f"cc3m {i}".encode()) for i in range(6)]
+    for name, samples, flags in (("laion", laion, ["--aesthetic_key", "aesthetic"]),
+                                 ("cc3m", cc3m, ["--min_aesthetic", "-1"])):
+        shard = write_shard(tmp_path / f"{name}.tar", samples)
+        out = tmp_path / name
+        _, step = flash_sd.main(argv(sd_model, [shard], out, *flags, "--phase_steps", "0", "2", "0", "0",
+                                     "--distill_loss", "l2"))
+        data = metrics(out)[-1]["data"]
+        assert step == 2 and data["no_caption"] == 0
+        assert data["filtered"] > 0 if name == "laion" else data["filtered"] == 0  # the 3.0 scores are dropped

@@ -14,18 +14,10 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, good_samples, load_state, metrics, write_shard
+from conftest import ROOT, SCRIPTS, good_samples, load_state, metrics, write_shard
 
 import common
 
-# script: (its tiny model's fixture, extra flags, the attribute holding the denoiser with its LoRA)
-SCRIPTS = {
-    "flash_sd": ("sd_model", [], "unet"),
-    "flash_sdxl": ("sdxl_model", [], "unet"),
-    "flash_adapter": ("adapter_model", ["--adapter", "{model}/adapter"], "unet"),
-    "flash_pixart": ("pixart_model", [], "transformer"),
-    "flash_sd3": ("sd3_model", [], "transformer"),
-}
 
 
 @pytest.fixture(params=sorted(SCRIPTS))
