@@ -151,7 +151,7 @@ def checkpoint_error(folder, state, e):
     free, need = shutil.disk_usage(os.path.dirname(folder)).free, size(state) + size(state["lora"])
     cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if getattr(e, "errno", None) == 28 or free < need:
-        cause = f"no space left on device: {free / 1e9:.3f} GB free, about {need / 1e9:.3f} GB needed"
+        cause = f"no space left on device: {free / 1e6:.1f} MB free, about {need / 1e6:.1f} MB needed"
     return (f"checkpoint {folder} could not be written ({cause}); its .tmp folder was removed and the earlier "
             "checkpoints are intact: fix the cause, then continue with --resume latest")
 
