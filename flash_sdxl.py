@@ -74,6 +74,7 @@ DEFAULT_PROMPTS = ["a photograph of an astronaut riding a horse", "a red fox in 
 # the repeated blocks --compile compiles in place (one graph per class and shape, seconds each)
 COMPILE_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 MAX_NONFINITE = 5  # non-finite losses in a row before training stops
+NAME = "flash_sdxl"  # the default output folder, the log, the progress bar, the ComfyUI file
 
 
 def parse_args(argv=None):
@@ -83,7 +84,7 @@ def parse_args(argv=None):
     # data and model
     a("--model", default=MODEL, help="hub id or local diffusers folder")
     a("--shards", nargs="+", required=True, help="webdataset tar shards: brace patterns, globs or pipe: URLs")
-    a("--output_dir", default="runs/flash_sdxl", help="metrics, samples, checkpoints and the final LoRA")
+    a("--output_dir", default=f"runs/{NAME}", help="metrics, samples, checkpoints and the final LoRA")
     a("--resolution", type=int, default=RESOLUTION, help="training resolution (square; short side resized, centre crop)")
     a("--batch_size", type=int, default=BATCH_SIZE, help="images per GPU per generator update")
     a("--min_aesthetic", type=float, default=MIN_AESTHETIC, help="keep samples with json aesthetic_score >= this; <0: off")
@@ -247,7 +248,7 @@ def build(args, device):
     # the discriminator head, sized from the mid-block feature shape at this resolution
     latent = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     with torch.no_grad(), teacher_mode(unet):
-        z = torch.zeros(1, unet.config.in_channels, latent, latent, device=device, dtype=dtype)
+        z = torch.zeros(1, vae.config.latent_channels, latent, latent, device=device, dtype=dtype)
         probe = zero_uncond(encode_text(tokenizers, text_encoders, [""], args.resolution, device))
         f = mid_features(unet, z, torch.zeros(1, device=device, dtype=torch.long), probe)
     lpips = common.make_lpips().to(device).requires_grad_(False).eval() if args.distill_loss == "lpips" else None
@@ -482,7 +483,7 @@ def export_lora(unet, out_dir):
     StableDiffusionXLPipeline.save_lora_weights(
         out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
-    save_file(comfyui_state_dict(unet), os.path.join(out_dir, "flash_sdxl_comfyui.safetensors"))
+    save_file(comfyui_state_dict(unet), os.path.join(out_dir, f"{NAME}_comfyui.safetensors"))
 
 
 def comfyui_state_dict(unet):
@@ -520,7 +521,7 @@ def main(argv=None):
             os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
     barrier()
     # rank 0 logs to the terminal (above the progress bar) and to log.txt; the other ranks stay quiet
-    log = logging.getLogger("flash_sdxl")
+    log = logging.getLogger(NAME)
     log.handlers.clear()
     log.propagate = False
     log.setLevel(logging.DEBUG)
@@ -604,7 +605,7 @@ def main(argv=None):
         stop_requested = True
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    bar = tqdm(total=total, initial=step, disable=rank != 0, desc="flash_sdxl", dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, disable=rank != 0, desc=NAME, dynamic_ncols=True)
     sums, n_sums, in_a_row, t_log = {}, 0, 0, time.time()
     data = iter(loader)
     try:
@@ -707,5 +708,5 @@ if __name__ == "__main__":
     try:
         main()
     except (common.UsageError, common.RunError) as e:
-        logging.getLogger("flash_sdxl").debug("stopped by:", exc_info=True)  # the traceback goes to log.txt only
-        raise SystemExit(f"flash_sdxl.py: error: {e}")
+        logging.getLogger(NAME).debug("stopped by:", exc_info=True)  # the traceback goes to log.txt only
+        raise SystemExit(f"{NAME}.py: error: {e}")
