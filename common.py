@@ -374,6 +374,14 @@ def lcm_boundary(t, sigma_data=0.5, timestep_scaling=10.0):
     return c_skip, c_out
 
 
+def lcm_x0(x_t, eps, t, alphas_cumprod):
+    """The student's one-step output: its epsilon prediction at t (B,) turned into x0, then the boundary
+    scalings, x_hat = c_skip x_t + c_out x0 (what LCMScheduler returns as `denoised`)."""
+    a = bcast(alphas_cumprod[t], x_t)
+    c_skip, c_out = (bcast(c, x_t) for c in lcm_boundary(t.float()))
+    return c_skip * x_t + c_out * (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+
+
 def bcast(a, x):
     """Per-sample coefficients (B,) -> (B, 1, 1, 1) to scale x."""
     return a.reshape(-1, *([1] * (x.ndim - 1)))

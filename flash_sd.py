@@ -101,6 +101,8 @@ def parse_args(argv=None):
     a("--num_teacher_steps", type=int, default=NUM_TEACHER_STEPS, help="K: DPM-Solver++ steps of the teacher's full solve")
     a("--timestep_distribution", default="mixture", choices=["mixture", "uniform", "gaussian"],
       help="start-index distribution over the K solver steps (uniform/gaussian: the paper's ablations)")
+    a("--backward_sim", type=float, default=0.0, help="probability that x_t for k > 0 is built from the student's "
+      "own detached 1-step output rather than data (DMD2's backward simulation; 0: the paper's recipe)")
     a("--guidance_min", type=float, default=GUIDANCE[0], help="teacher CFG scale w ~ U[min, max], one per batch")
     a("--guidance_max", type=float, default=GUIDANCE[1], help="see --guidance_min")
     # losses
@@ -159,6 +161,8 @@ def check_args(args):
             raise common.UsageError(f"--{flag} must be positive")
     if args.num_workers < 0 or args.keep_checkpoints < 0:
         raise common.UsageError("--num_workers and --keep_checkpoints must not be negative")
+    if not 0 <= args.backward_sim <= 1:
+        raise common.UsageError("--backward_sim is a probability: between 0 and 1")
     if args.guidance_min > args.guidance_max:
         raise common.UsageError("--guidance_min must not exceed --guidance_max")
     if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
@@ -363,14 +367,15 @@ def train_step(m, student, disc, batch, step, args):
     t = ts[k].expand(B)
     eps = torch.randn_like(z0)
     x_t = eps if k == 0 else common.renoise(z0, eps, t, abar)
+    if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:  # from its own output, not data
+        with torch.no_grad(), autocast:
+            n, t0 = torch.randn_like(z0), ts[0].expand(B)
+            x_t = common.renoise(common.lcm_x0(n, denoise(m.unet, n, t0, cond), t0, abar), eps, t, abar)
 
-    # 3. student: one step, with the LCM boundary scalings
+    # 3. student: one step, x0 from its epsilon with the LCM boundary scalings
     with autocast:
         eps_s = denoise(student, x_t, t, cond)
-    a = common.bcast(abar[t], x_t)
-    x0_s = (x_t - (1 - a).sqrt() * eps_s) / a.sqrt()
-    c_skip, c_out = (common.bcast(c, x_t) for c in common.lcm_boundary(t.float()))
-    x_hat = c_skip * x_t + c_out * x0_s
+    x_hat = common.lcm_x0(x_t, eps_s, t, abar)
 
     # 4. teacher: solve from ts[k] to 0 with CFG, w ~ U[g_min, g_max] once per batch
     w = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))

@@ -120,6 +120,8 @@ def parse_args(argv=None):
       help="K: flow-matching Euler steps of the teacher's full solve")
     a("--timestep_distribution", default="mixture", choices=["mixture", "uniform", "gaussian"],
       help="start-index distribution over the K solver steps (uniform/gaussian: the paper's ablations)")
+    a("--backward_sim", type=float, default=0.0, help="probability that x_t for k > 0 is built from the student's "
+      "own detached 1-step output rather than data (DMD2's backward simulation; 0: the paper's recipe)")
     a("--guidance_min", type=float, default=GUIDANCE[0], help="teacher CFG scale w ~ U[min, max], one per batch")
     a("--guidance_max", type=float, default=GUIDANCE[1], help="see --guidance_min")
     # losses
@@ -178,6 +180,8 @@ def check_args(args):
             raise common.UsageError(f"--{flag} must be positive")
     if args.num_workers < 0 or args.keep_checkpoints < 0:
         raise common.UsageError("--num_workers and --keep_checkpoints must not be negative")
+    if not 0 <= args.backward_sim <= 1:
+        raise common.UsageError("--backward_sim is a probability: between 0 and 1")
     if args.guidance_min > args.guidance_max:
         raise common.UsageError("--guidance_min must not exceed --guidance_max")
     if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
@@ -430,7 +434,12 @@ def train_step(m, student, disc, batch, step, args):
     # 2. start index k from the phase's mixture; x_t at the grid's sigma_k (sigma_0 = 1: pure noise)
     k = common.sample_start_index(m.start_probs[phase])
     sigma = m.sigmas[k].expand(B)
-    x_t = common.renoise_flow(z0, torch.randn_like(z0), sigma)
+    eps = torch.randn_like(z0)
+    x_t = common.renoise_flow(z0, eps, sigma)
+    if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:  # from its own output, not data
+        with torch.no_grad(), autocast:
+            n, s0 = torch.randn_like(z0), m.sigmas[0].expand(B)
+            x_t = common.renoise_flow(x0_from_v(n, denoise(m.transformer, n, s0, cond), s0), eps, sigma)
 
     # 3. student: one step, x_hat = x_t - sigma v (the flow's own x0 prediction, no boundary scalings)
     with autocast:

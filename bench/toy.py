@@ -20,6 +20,7 @@ import io
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -355,7 +356,7 @@ def distill_command(args, teacher):
             "--mixed_precision", "no",  # bf16 autocast runs ~6x slower than fp32 on these CPUs
             "--num_workers", "1", "--log_every", str(max(1, sum(n) // 20)),
             "--sample_every", str(sum(n)), "--checkpoint_every", str(max(1, sum(n) // 4)),
-            "--validation_prompts", *[caption(*c) for c in COMBOS[::9]], "--overwrite"]
+            "--validation_prompts", *[caption(*c) for c in COMBOS[::9]], "--overwrite", *shlex.split(args.distill_flags)]
 
 
 def stage_distill(args, teacher):
@@ -485,6 +486,7 @@ def parse_args(argv=None):
     a("--min_teacher_alignment", type=float, default=0.8, help="the gate on the teacher at 32 steps")
     a("--phase_steps", type=int, nargs=4, default=[500, 500, 500, 500], help="flash_sd.py generator updates per phase")
     a("--batch_size", type=int, default=32, help="flash_sd.py batch")
+    a("--distill_flags", default="", help="more flash_sd.py flags, e.g. \"--backward_sim 0.5\" (they come last and win)")
     a("--lr", type=float, default=1e-4, help="flash_sd.py learning rate (LoRA and discriminator)")
     a("--eval_size", type=int, default=576, help="images per table row (the 36 captions, 16 seeds each)")
     args = p.parse_args(argv)

@@ -52,10 +52,7 @@ class Toy:
     def student(self, x, t, c):
         """One LCM step's x0: the epsilon prediction turned into x0, with the consistency boundary scalings."""
         tt = torch.full((len(x),), t)
-        a = common.bcast(self.abar[tt], x)
-        x0 = (x - (1 - a).sqrt() * flash_sd.denoise(self.pipe.unet, x, tt, c)) / a.sqrt()
-        c_skip, c_out = (common.bcast(v, x) for v in common.lcm_boundary(tt.float()))
-        return c_skip * x + c_out * x0
+        return common.lcm_x0(x, flash_sd.denoise(self.pipe.unet, x, tt, c), tt, self.abar)
 
     @torch.no_grad()
     def ideal(self, x, t, c):

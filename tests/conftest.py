@@ -1,5 +1,6 @@
 """Session fixtures: a tiny random SD1.5-layout diffusers folder and tiny webdataset shards, written here
 so that the real loading code runs offline."""
+import importlib
 import io
 import json
 import os
@@ -30,6 +31,23 @@ SCRIPTS = {
     "flash_pixart": ("pixart_model", [], "transformer"),
     "flash_sd3": ("sd3_model", [], "transformer"),
 }
+
+
+@pytest.fixture(params=sorted(SCRIPTS))
+def script(request):
+    """(module, argv builder) for one script on its tiny model."""
+    fixture, extra, _ = SCRIPTS[request.param]
+    model = request.getfixturevalue(fixture)
+    mod = importlib.import_module(request.param)
+
+    def argv(shards, out, *more):
+        return ["--model", model, *(e.format(model=model) for e in extra), "--shards", *shards,
+                "--output_dir", str(out), "--resolution", "32", "--batch_size", "2",
+                "--phase_steps", "1", "1", "1", "1", "--num_teacher_steps", "4", "--mixed_precision", "no",
+                "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "8", "--distill_loss", "l2",
+                "--log_every", "1", "--sample_every", "100", "--checkpoint_every", "100",
+                "--validation_prompts", "a red square", *more]
+    return mod, argv
 
 
 def load_state(ckpt_dir):

@@ -1,7 +1,6 @@
 """Run plumbing, on each of the five scripts: every script writes out its own process group, DDP wrap,
 checkpoints, resume and signal handling, so each one is tested here, on its tiny model, through main(argv)
 or as real torchrun processes."""
-import importlib
 import json
 import os
 import shutil
@@ -17,24 +16,6 @@ import torch
 from conftest import ROOT, SCRIPTS, good_samples, load_state, metrics, write_shard
 
 import common
-
-
-
-@pytest.fixture(params=sorted(SCRIPTS))
-def script(request):
-    """(module, argv builder) for one script on its tiny model."""
-    fixture, extra, _ = SCRIPTS[request.param]
-    model = request.getfixturevalue(fixture)
-    mod = importlib.import_module(request.param)
-
-    def argv(shards, out, *more):
-        return ["--model", model, *(e.format(model=model) for e in extra), "--shards", *shards,
-                "--output_dir", str(out), "--resolution", "32", "--batch_size", "2",
-                "--phase_steps", "1", "1", "1", "1", "--num_teacher_steps", "4", "--mixed_precision", "no",
-                "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "8", "--distill_loss", "l2",
-                "--log_every", "1", "--sample_every", "100", "--checkpoint_every", "100",
-                "--validation_prompts", "a red square", *more]
-    return mod, argv
 
 
 def test_checkpoint_folders_are_ordered_by_step_and_skip_interrupted_writes(script, tmp_path):

@@ -1,0 +1,81 @@
+"""--backward_sim on each script: for a start index k > 0, x_t is built from the student's own detached
+one-step output from pure noise instead of a data latent, re-noised with the same noise to the same level;
+off by default (the paper's recipe). The real train_step runs; the spies only record what it computes."""
+import pytest
+import torch
+
+import common
+
+# per script: the forward process and the one-step x0 it uses (a common function or the script's own)
+FORWARD = {"flash_sd3": ("renoise_flow", "x0_from_v")}
+
+
+def one_step(mod, m, args, monkeypatch, batch):
+    """One train_step at a fixed k = K/2, recording every forward-process call, every one-step x0 and what the
+    teacher solves from."""
+    forward_name, x0_name = FORWARD.get(mod.__name__, ("renoise", "lcm_x0"))
+    x0_owner = mod if x0_name == "x0_from_v" else common
+    seen = dict(forward=[], x0=[], solve=[])
+    real_forward, real_x0, real_solve = getattr(common, forward_name), getattr(x0_owner, x0_name), mod.teacher_solve
+
+    def forward(x0, noise, level, *rest):
+        out = real_forward(x0, noise, level, *rest)
+        seen["forward"].append((x0, noise, level, out))
+        return out
+
+    def x0_of(x, pred, level, *rest):
+        seen["x0"].append((x, level))
+        return real_x0(x, pred, level, *rest)
+
+    monkeypatch.setattr(common, forward_name, forward)
+    monkeypatch.setattr(x0_owner, x0_name, x0_of)
+    monkeypatch.setattr(mod, "teacher_solve", lambda m, x_t, k, c, u, w: seen["solve"].append((x_t, k, c)) or
+                        real_solve(m, x_t, k, c, u, w))
+    K = args.num_teacher_steps
+    m.start_probs = [torch.eye(K)[K // 2]] * 4  # every phase starts at k = K/2
+    torch.manual_seed(0)
+    losses = mod.train_step(m, getattr(m, "unet", None) or m.transformer, m.disc, batch, 0, args)
+    assert all(torch.isfinite(v).all() for v in losses.values())
+    return seen
+
+
+@pytest.mark.parametrize("p", [None, 1.0])
+def test_backward_sim_builds_x_t_from_the_students_own_output_and_is_off_by_default(script, shards, tmp_path,
+                                                                                     monkeypatch, p):
+    mod, argv = script
+    args = mod.parse_args(argv(shards, tmp_path / "run", *([] if p is None else ["--backward_sim", str(p)])))
+    assert args.backward_sim == (0.0 if p is None else p)  # the paper's recipe unless asked
+    m = mod.build(args, torch.device("cpu"))
+    net = getattr(m, "unet", None) or m.transformer
+    for name, w in net.named_parameters():  # a trained-looking LoRA: the student differs from the teacher
+        if "lora_B" in name:
+            torch.nn.init.normal_(w, std=0.05)
+    batch = dict(pixel_values=torch.rand(2, 3, 32, 32) * 2 - 1, text=["a red square", "a blue circle"])
+    if mod.__name__ == "flash_adapter":
+        batch["edges"] = (torch.rand(2, m.adapter.config.in_channels, 32, 32) > 0.8).float()
+    seen = one_step(mod, m, args, monkeypatch, batch)
+    (x_t, k, cond), = seen["solve"]
+    data = seen["forward"][0]  # the first forward-process call noises the data latent
+    if p is None:  # x_t is the noised data latent; no extra student pass before the student's own step
+        assert torch.equal(x_t, data[3])
+        assert len(seen["x0"]) == 1 and torch.equal(seen["x0"][0][0], x_t)
+        return
+    own_in, own_level = seen["x0"][0]  # the extra pass: the student from pure noise at the grid's first level
+    first = m.sigmas[0] if hasattr(m, "sigmas") else m.teacher_sched.timesteps[0]
+    assert (own_level == first).all() and torch.equal(seen["x0"][1][0], x_t)  # then the student's step on x_t
+    own = seen["forward"][1]
+    assert torch.equal(own[1], data[1]) and torch.equal(own[2], data[2])  # the same noise, to the same level
+    assert torch.equal(x_t, own[3]) and not torch.allclose(own[0], data[0])  # x_t from the own output, not data
+    # that output is the student's (LoRA on) one-step x0 from own_in, recomputed here
+    with torch.no_grad():
+        level = own_level.expand(len(own_in))
+        pred = mod.denoise(net, own_in, level, cond)
+        expect = (mod.x0_from_v(own_in, pred, level) if mod.__name__ == "flash_sd3"
+                  else common.lcm_x0(own_in, pred, level, m.alphas_cumprod))
+    torch.testing.assert_close(own[0], expect, rtol=1e-5, atol=1e-5)
+
+
+def test_backward_sim_must_be_a_probability(script, shards, tmp_path):
+    mod, argv = script
+    with pytest.raises(common.UsageError, match="--backward_sim"):
+        mod.check_args(mod.parse_args(argv(shards, tmp_path / "run", "--backward_sim", "1.5")))
