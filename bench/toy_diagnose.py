@@ -98,13 +98,17 @@ def check_chain_is_the_pipeline(toy, labels, noise):
     return err
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a distilled toy run (its pytorch_lora_weights.safetensors)")
     p.add_argument("--out", default=None, help="folder for diagnosis.md and diagnosis.json (default: beside --run)")
     p.add_argument("--guidance", type=float, default=8.0, help="the ideal step's CFG scale (mean of the training U[3, 13])")
     p.add_argument("--eval_size", type=int, default=576)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     out = args.out or os.path.dirname(os.path.abspath(args.run))
     os.makedirs(out, exist_ok=True)
     torch.manual_seed(0)

@@ -1,0 +1,69 @@
+"""The README's shell commands name scripts, flags and local folders that exist: every `--flag` after a
+repository script in a ```bash block is one that script's -h lists, and every local --model folder is a
+diffusers folder. A renamed flag or a moved folder fails here before a reader meets it."""
+import importlib.util
+import os
+import re
+import shlex
+
+import pytest
+from conftest import ROOT
+
+# scripts a README command may run, by the path it names; flash_inpaint.py is made by the README's own diff
+SCRIPTS = {name: os.path.join(ROOT, name) for name in (
+    "flash_sd.py", "flash_sdxl.py", "flash_adapter.py", "flash_pixart.py", "flash_sd3.py",
+    "bench/toy.py", "bench/toy_diagnose.py", "bench/eval.py", "bench/speed.py")}
+SCRIPTS["flash_inpaint.py"] = SCRIPTS["flash_sd.py"]  # the diff adds no flag
+NOT_OURS = {"make_shards.py"}  # the README's own snippet, saved by the reader
+
+
+def readme_commands():
+    """(script, its arguments) for every command in a ```bash block that runs a .py file."""
+    text = open(os.path.join(ROOT, "README.md")).read()
+    out = []
+    for block in re.findall(r"^```bash\n(.*?)^```$", text, flags=re.S | re.M):
+        for line in block.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if not line or line.startswith("#") or ".py" not in line:
+                continue
+            words = shlex.split(line.split("&&")[-1])
+            at = next((i for i, w in enumerate(words) if w.endswith(".py")), None)
+            if at is not None:
+                out.append((words[at], words[at + 1:]))
+    return out
+
+
+COMMANDS = readme_commands()
+
+
+def help_flags(path, capsys):
+    spec = importlib.util.spec_from_file_location(f"readme_{os.path.basename(path)[:-3]}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with pytest.raises(SystemExit):
+        mod.parse_args(["-h"])
+    return set(re.findall(r"(--[a-z][a-z0-9_]*)", capsys.readouterr().out))
+
+
+def test_the_readme_runs_the_scripts_it_should():
+    names = {script for script, _ in COMMANDS}
+    assert {"bench/toy.py", "flash_sd.py", "flash_sdxl.py", "flash_sd3.py", "bench/eval.py"} <= names
+    assert names <= set(SCRIPTS) | NOT_OURS, names - set(SCRIPTS) - NOT_OURS
+
+
+@pytest.mark.parametrize("script", sorted({s for s, _ in COMMANDS} - NOT_OURS))
+def test_every_flag_in_a_readme_command_is_one_the_script_takes(script, capsys):
+    known = help_flags(SCRIPTS[script], capsys)
+    assert "--help" in known and len(known) > 3  # the help text was read
+    for _, words in (c for c in COMMANDS if c[0] == script):
+        unknown = [w.split("=")[0] for w in words if w.startswith("--") and w.split("=")[0] not in known]
+        assert not unknown, f"README: `{script} {' '.join(words)}` names flags {script} does not take: {unknown}"
+        for flag, value in zip(words, words[1:]):
+            if flag == "--model" and value.startswith(("bench/", "./")):  # a folder in this repository
+                assert os.path.isfile(os.path.join(ROOT, value, "model_index.json")), f"README: no model at {value}"
+
+
+def test_a_renamed_flag_would_be_caught(capsys):
+    """The check above can fail: a flag the scripts do not take is not in their help."""
+    known = help_flags(SCRIPTS["flash_sd.py"], capsys)
+    assert "--phase_steps" in known and "--phase_step" not in known and "--num_teacher_step" not in known
