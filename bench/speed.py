@@ -671,11 +671,11 @@ class Watcher:
     """Marks `label` when the gradient of a tensor has been computed (once per tensor)."""
 
     def __init__(self, tl):
-        self.tl, self.seen = tl, set()
+        self.tl, self.seen = tl, {}  # id -> tensor: holding the tensor keeps a freed one's id from being reused
 
     def __call__(self, x, label):
         if isinstance(self.tl, Timeline) and torch.is_tensor(x) and x.requires_grad and id(x) not in self.seen:
-            self.seen.add(id(x))
+            self.seen[id(x)] = x
             x.register_hook(lambda grad: self.tl.mark(label))
 
     def decoder(self, decode):
