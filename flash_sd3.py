@@ -121,7 +121,8 @@ def parse_args(argv=None):
     a("--timestep_distribution", default="mixture", choices=["mixture", "uniform", "gaussian"],
       help="start-index distribution over the K solver steps (uniform/gaussian: the paper's ablations)")
     a("--backward_sim", type=float, default=0.0, help="probability that x_t for k > 0 is built from the student's "
-      "own detached 1-step output rather than data (DMD2's backward simulation; 0: the paper's recipe)")
+      "own sampler (detached, fresh noise between its steps, down to the last 4-step grid level above k) rather than "
+      "data (DMD2's backward simulation; 0: the paper's recipe)")
     a("--guidance_min", type=float, default=GUIDANCE[0], help="teacher CFG scale w ~ U[min, max], one per batch")
     a("--guidance_max", type=float, default=GUIDANCE[1], help="see --guidance_min")
     # losses
@@ -436,10 +437,14 @@ def train_step(m, student, disc, batch, step, args):
     sigma = m.sigmas[k].expand(B)
     eps = torch.randn_like(z0)
     x_t = common.renoise_flow(z0, eps, sigma)
-    if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:  # from its own output, not data
-        with torch.no_grad(), autocast:
-            n, s0 = torch.randn_like(z0), m.sigmas[0].expand(B)
-            x_t = common.renoise_flow(x0_from_v(n, denoise(m.transformer, n, s0, cond), s0), eps, sigma)
+    if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:  # from its own outputs, not data
+        K = args.num_teacher_steps
+        with torch.no_grad(), autocast:  # the student's own 4-step sampler over the grid levels above k
+            for j in range(0, k, K // 4):
+                sj = m.sigmas[j].expand(B)
+                x = torch.randn_like(z0) if j == 0 else common.renoise_flow(x0, torch.randn_like(z0), sj)
+                x0 = x0_from_v(x, denoise(m.transformer, x, sj, cond), sj)
+        x_t = common.renoise_flow(x0, eps, sigma)
 
     # 3. student: one step, x_hat = x_t - sigma v (the flow's own x0 prediction, no boundary scalings)
     with autocast:

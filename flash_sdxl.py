@@ -97,7 +97,8 @@ def parse_args(argv=None):
     a("--timestep_distribution", default="mixture", choices=["mixture", "uniform", "gaussian"],
       help="start-index distribution over the K solver steps (uniform/gaussian: the paper's ablations)")
     a("--backward_sim", type=float, default=0.0, help="probability that x_t for k > 0 is built from the student's "
-      "own detached 1-step output rather than data (DMD2's backward simulation; 0: the paper's recipe)")
+      "own sampler (detached, fresh noise between its steps, down to the last 4-step grid level above k) rather than "
+      "data (DMD2's backward simulation; 0: the paper's recipe)")
     a("--guidance_min", type=float, default=GUIDANCE[0], help="teacher CFG scale w ~ U[min, max], one per batch")
     a("--guidance_max", type=float, default=GUIDANCE[1], help="see --guidance_min")
     # losses
@@ -385,10 +386,13 @@ def train_step(m, student, disc, batch, step, args):
     t = ts[k].expand(B)
     eps = torch.randn_like(z0)
     x_t = eps if k == 0 else common.renoise(z0, eps, t, abar)
-    if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:  # from its own output, not data
-        with torch.no_grad(), autocast:
-            n, t0 = torch.randn_like(z0), ts[0].expand(B)
-            x_t = common.renoise(common.lcm_x0(n, denoise(m.unet, n, t0, cond), t0, abar), eps, t, abar)
+    if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:  # from its own outputs, not data
+        with torch.no_grad(), autocast:  # the student's own 4-step sampler over the grid levels above k
+            for j in range(0, k, K // 4):
+                tj = ts[j].expand(B)
+                x = torch.randn_like(z0) if j == 0 else common.renoise(x0, torch.randn_like(z0), tj, abar)
+                x0 = common.lcm_x0(x, denoise(m.unet, x, tj, cond), tj, abar)
+        x_t = common.renoise(x0, eps, t, abar)
 
     # 3. student: one step, x0 from its epsilon with the LCM boundary scalings
     with autocast:

@@ -1,6 +1,7 @@
 """--backward_sim on each script: for a start index k > 0, x_t is built from the student's own detached
-one-step output from pure noise instead of a data latent, re-noised with the same noise to the same level;
-off by default (the paper's recipe). The real train_step runs; the spies only record what it computes."""
+sampler (from pure noise, over the 4-step grid levels above k, fresh noise between its steps) instead of a
+data latent, re-noised with the data's noise to the data's level; off by default (the paper's recipe).
+The real train_step runs; the spies only record what it computes."""
 import pytest
 import torch
 
@@ -40,7 +41,7 @@ def one_step(mod, m, args, monkeypatch, batch):
 
 
 @pytest.mark.parametrize("p", [None, 1.0])
-def test_backward_sim_builds_x_t_from_the_students_own_output_and_is_off_by_default(script, shards, tmp_path,
+def test_backward_sim_builds_x_t_from_the_students_own_sampler_and_is_off_by_default(script, shards, tmp_path,
                                                                                      monkeypatch, p):
     mod, argv = script
     args = mod.parse_args(argv(shards, tmp_path / "run", *([] if p is None else ["--backward_sim", str(p)])))
@@ -60,19 +61,26 @@ def test_backward_sim_builds_x_t_from_the_students_own_output_and_is_off_by_defa
         assert torch.equal(x_t, data[3])
         assert len(seen["x0"]) == 1 and torch.equal(seen["x0"][0][0], x_t)
         return
-    own_in, own_level = seen["x0"][0]  # the extra pass: the student from pure noise at the grid's first level
-    first = m.sigmas[0] if hasattr(m, "sigmas") else m.teacher_sched.timesteps[0]
-    assert (own_level == first).all() and torch.equal(seen["x0"][1][0], x_t)  # then the student's step on x_t
-    own = seen["forward"][1]
-    assert torch.equal(own[1], data[1]) and torch.equal(own[2], data[2])  # the same noise, to the same level
-    assert torch.equal(x_t, own[3]) and not torch.allclose(own[0], data[0])  # x_t from the own output, not data
-    # that output is the student's (LoRA on) one-step x0 from own_in, recomputed here
-    with torch.no_grad():
-        level = own_level.expand(len(own_in))
-        pred = mod.denoise(net, own_in, level, cond)
-        expect = (mod.x0_from_v(own_in, pred, level) if mod.__name__ == "flash_sd3"
-                  else common.lcm_x0(own_in, pred, level, m.alphas_cumprod))
-    torch.testing.assert_close(own[0], expect, rtol=1e-5, atol=1e-5)
+    # k = K/2: the extra passes are the student's own sampler from pure noise at grid levels 0 and K/4
+    grid, K = (m.sigmas if hasattr(m, "sigmas") else m.teacher_sched.timesteps), args.num_teacher_steps
+    (in0, level0), (in1, level1), (in2, _) = seen["x0"]  # then the student's step on x_t
+    assert (level0 == grid[0]).all() and (level1 == grid[K // 4]).all() and torch.equal(in2, x_t)
+    between, last = seen["forward"][1], seen["forward"][2]
+    # between its steps: the first x0, re-noised with fresh noise to level K/4, is the second pass's input
+    assert torch.equal(between[3], in1) and (between[2] == grid[K // 4]).all()
+    assert not torch.equal(between[1], data[1])
+    # the last x0 re-noised with the data's noise to the data's level is x_t
+    assert torch.equal(last[1], data[1]) and torch.equal(last[2], data[2]) and torch.equal(x_t, last[3])
+    assert not torch.allclose(last[0], data[0])  # x_t from the own output, not data
+
+    def student_x0(x, level):  # the student's (LoRA on) one-step x0, recomputed here
+        with torch.no_grad():
+            level = level.expand(len(x))
+            pred = mod.denoise(net, x, level, cond)
+            return (mod.x0_from_v(x, pred, level) if mod.__name__ == "flash_sd3"
+                    else common.lcm_x0(x, pred, level, m.alphas_cumprod))
+    torch.testing.assert_close(between[0], student_x0(in0, level0), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(last[0], student_x0(in1, level1), rtol=1e-5, atol=1e-5)
 
 
 def test_backward_sim_must_be_a_probability(script, shards, tmp_path):
