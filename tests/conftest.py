@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from speed import DENOISERS, clip_config, t5_config, tiny_vae  # noqa: E402  (the tiny configs, shared)
+from models import DENOISERS, clip_config, t5_config, tiny_vae  # noqa: E402  (the tiny configs, shared)
 from toy import byte_chars  # noqa: E402  (GPT-2's byte map, shared with the toy benchmark)
 
 torch.set_num_threads(2)

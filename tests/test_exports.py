@@ -17,7 +17,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from safetensors.torch import load_file
 from conftest import SCRIPTS
-from speed import build_denoiser  # bench/speed.py (conftest puts bench/ on sys.path)
+from models import build_denoiser  # bench/models.py (conftest puts bench/ on sys.path)
 
 RANK, ALPHA = 4, 8.0
 
