@@ -440,10 +440,12 @@ def train_step(m, student, disc, batch, step, args):
     if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:  # from its own outputs, not data
         K = args.num_teacher_steps
         with torch.no_grad(), autocast:  # the student's own 4-step sampler over the grid levels above k
+            x = torch.randn_like(z0)  # then, between its steps, x0 re-noised with fresh noise
             for j in range(0, k, K // 4):
                 sj = m.sigmas[j].expand(B)
-                x = torch.randn_like(z0) if j == 0 else common.renoise_flow(x0, torch.randn_like(z0), sj)
                 x0 = x0_from_v(x, denoise(m.transformer, x, sj, cond), sj)
+                if j + K // 4 < k:
+                    x = common.renoise_flow(x0, torch.randn_like(z0), m.sigmas[j + K // 4].expand(B))
         x_t = common.renoise_flow(x0, eps, sigma)
 
     # 3. student: one step, x_hat = x_t - sigma v (the flow's own x0 prediction, no boundary scalings)

@@ -388,10 +388,12 @@ def train_step(m, student, disc, batch, step, args):
     x_t = eps if k == 0 else common.renoise(z0, eps, t, abar)
     if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:  # from its own outputs, not data
         with torch.no_grad(), autocast:  # the student's own 4-step sampler over the grid levels above k
+            x = torch.randn_like(z0)  # then, between its steps, x0 re-noised with fresh noise
             for j in range(0, k, K // 4):
                 tj = ts[j].expand(B)
-                x = torch.randn_like(z0) if j == 0 else common.renoise(x0, torch.randn_like(z0), tj, abar)
                 x0 = common.lcm_x0(x, denoise(m.unet, x, tj, cond), tj, abar)
+                if j + K // 4 < k:
+                    x = common.renoise(x0, torch.randn_like(z0), ts[j + K // 4].expand(B), abar)
         x_t = common.renoise(x0, eps, t, abar)
 
     # 3. student: one step, x0 from its epsilon with the LCM boundary scalings

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # bench/speed.py on one GPU (written for a fresh H100/H200 machine), within ~9 minutes of wall time.
 # Run from the repository root after installing the wheels (diffusers, webdataset, braceexpand, lpips;
-# torchvision must import too); results go to $OUT (default ./gpu_out):
+# torchvision must import too); results go to $OUT (default ~/.cache/flash_speed/gpu, outside the repository):
 #     OUT=/path/to/results bash bench/speed_gpu.sh
 # SDXL real, 1024 px, bf16. $OUT gets env.txt, one JSON per run and log.txt; the tables are printed at the
 # end, and `python bench/speed.py --table FILE.json` prints one again. Each run is guarded by `timeout`, so
@@ -13,7 +13,7 @@
 #      its warm-up is the compile time
 # The caps below come from the times of the runs in bench/results/speed_h200_*.json (run 4 compiles first).
 set -u
-OUT=${OUT:-$PWD/gpu_out}
+OUT=${OUT:-$HOME/.cache/flash_speed/gpu}
 BUDGET=${BUDGET:-560}  # seconds for all four; the last run gets what is left
 RES=$(mktemp -d)  # each run's full output; the results are copied to $OUT
 mkdir -p "$OUT"

@@ -1,5 +1,6 @@
-"""README's "Distilling a custom model: inpainting": its diff, applied to flash_sd.py, run end to end on a tiny
-9-channel inpainting model saved as a real diffusers folder."""
+"""The worked inpainting model (bench/README.md, "A worked custom model: inpainting", applied by the command in
+README.md's "Custom models"): its diff, applied to flash_sd.py, run end to end on a tiny 9-channel inpainting
+model saved as a real diffusers folder."""
 import importlib.util
 import os
 import re
@@ -13,15 +14,24 @@ from conftest import ROOT, byte_clip_tokenizer, good_samples, metrics, write_sha
 
 import common
 
-SECTION = "## Distilling a custom model: inpainting"
+SECTION = "## A worked custom model: inpainting"  # in bench/README.md
+COMMAND_SECTION = "## Custom models"  # in README.md
+
+
+def section_of(path, title):
+    text = open(path).read()
+    assert title in text, f"{os.path.relpath(path, ROOT)} lost its section {title!r}"
+    return text.split(title, 1)[1].split("\n## ", 1)[0]
+
+
+def awk_command(path, title):
+    return next(line for line in section_of(path, title).splitlines() if line.startswith("awk "))
 
 
 def readme_diff():
-    """The README's diff block in its inpainting section (the one a user applies)."""
-    text = open(os.path.join(ROOT, "README.md")).read()
-    assert SECTION in text, "the README lost its inpainting section"
-    section = text.split(SECTION, 1)[1].split("\n## ", 1)[0]
-    found = re.findall(r"^```diff\n(.*?)^```$", section, flags=re.S | re.M)
+    """The diff block of bench/README.md's inpainting section (the one a user applies)."""
+    found = re.findall(r"^```diff\n(.*?)^```$", section_of(os.path.join(ROOT, "bench", "README.md"), SECTION),
+                       flags=re.S | re.M)
     assert len(found) == 1, "the inpainting section needs exactly one ```diff block"
     return found[0]
 
@@ -31,10 +41,11 @@ def inpaint(tmp_path_factory):
     """flash_inpaint.py made by the README's own command (awk, then git apply) in a copy of the repository's
     files, imported as a module."""
     d = tmp_path_factory.mktemp("copy")
-    for name in ("flash_sd.py", "common.py", "README.md"):
+    (d / "bench").mkdir()
+    for name in ("flash_sd.py", "common.py", "README.md", "bench/README.md"):
         shutil.copy(os.path.join(ROOT, name), d / name)
-    text = open(d / "README.md").read().split(SECTION, 1)[1]
-    command = next(line for line in text.splitlines() if line.startswith("awk "))
+    command = awk_command(d / "README.md", COMMAND_SECTION)
+    assert command == awk_command(d / "bench" / "README.md", SECTION)  # the two files give the same command
     subprocess.run(["git", "init", "-q"], cwd=d, check=True)
     subprocess.run(command, shell=True, cwd=d, check=True)
     assert open(d / "inpaint.diff").read() == readme_diff()
@@ -57,7 +68,7 @@ def test_the_diff_applies_to_flash_sd_and_stays_small():
 def inpaint_model(tmp_path_factory):
     """A tiny SD1.5 inpainting layout: the tests' tiny UNet with 9 input channels, saved by the stock pipeline."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
-    from speed import DENOISERS, clip_config, tiny_vae
+    from models import DENOISERS, clip_config, tiny_vae
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
     tok = byte_clip_tokenizer()

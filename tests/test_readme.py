@@ -1,6 +1,6 @@
-"""The README's shell commands name scripts, flags and local folders that exist: every `--flag` after a
-repository script in a ```bash block is one that script's -h lists, and every local --model folder is a
-diffusers folder. A renamed flag or a moved folder fails here before a reader meets it."""
+"""The shell commands of README.md and bench/README.md name scripts, flags and local folders that exist: every
+`--flag` after a repository script in a ```bash block is one that script's -h lists, and every local --model
+folder is a diffusers folder. A renamed flag or a moved folder fails here before a reader meets it."""
 import importlib.util
 import os
 import re
@@ -17,9 +17,9 @@ SCRIPTS["flash_inpaint.py"] = SCRIPTS["flash_sd.py"]  # the diff adds no flag
 NOT_OURS = {"make_shards.py"}  # the README's own snippet, saved by the reader
 
 
-def readme_commands():
+def readme_commands(names=("README.md", "bench/README.md")):
     """(script, its arguments) for every command in a ```bash block that runs a .py file."""
-    text = open(os.path.join(ROOT, "README.md")).read()
+    text = "\n".join(open(os.path.join(ROOT, name)).read() for name in names)
     out = []
     for block in re.findall(r"^```bash\n(.*?)^```$", text, flags=re.S | re.M):
         for line in block.replace("\\\n", " ").splitlines():
@@ -46,8 +46,11 @@ def help_flags(path, capsys):
 
 
 def test_the_readme_runs_the_scripts_it_should():
+    front = {script for script, _ in readme_commands(["README.md"])}
+    assert {"bench/toy.py", "flash_sd.py", "flash_sdxl.py", "flash_adapter.py", "flash_pixart.py", "flash_sd3.py",
+            "bench/eval.py"} <= front
     names = {script for script, _ in COMMANDS}
-    assert {"bench/toy.py", "flash_sd.py", "flash_sdxl.py", "flash_sd3.py", "bench/eval.py"} <= names
+    assert {"bench/speed.py", "bench/toy_diagnose.py"} <= names
     assert names <= set(SCRIPTS) | NOT_OURS, names - set(SCRIPTS) - NOT_OURS
 
 
@@ -55,9 +58,15 @@ def test_the_readme_runs_the_scripts_it_should():
 def test_every_flag_in_a_readme_command_is_one_the_script_takes(script, capsys):
     known = help_flags(SCRIPTS[script], capsys)
     assert "--help" in known and len(known) > 3  # the help text was read
+    distill = help_flags(SCRIPTS["flash_sd.py"], capsys) if script == "bench/toy.py" else set()
     for _, words in (c for c in COMMANDS if c[0] == script):
-        unknown = [w.split("=")[0] for w in words if w.startswith("--") and w.split("=")[0] not in known]
+        flags = [w for w in words if w.startswith("--") and " " not in w]  # a quoted value holds spaces
+        unknown = [w.split("=")[0] for w in flags if w.split("=")[0] not in known]
         assert not unknown, f"README: `{script} {' '.join(words)}` names flags {script} does not take: {unknown}"
+        for flag, value in zip(words, words[1:]):  # toy.py passes --distill_flags on to flash_sd.py
+            if flag == "--distill_flags":
+                unknown = [w for w in value.split() if w.startswith("--") and w not in distill]
+                assert not unknown, f"README: --distill_flags {value!r} names flags flash_sd.py does not take"
         for flag, value in zip(words, words[1:]):
             if flag == "--model" and value.startswith(("bench/", "./")):  # a folder in this repository
                 assert os.path.isfile(os.path.join(ROOT, value, "model_index.json")), f"README: no model at {value}"
