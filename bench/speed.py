@@ -3,8 +3,8 @@
 Each script's own `train_step` runs on synthetic data of the real shapes, on models that its own `build()`
 makes in memory (`--size tiny`: the tests' configs; `--size real`: the released architectures, random
 weights). Beside it, on the same models, runs a *reference pattern* step: what the original code did (see
-`reference_step`). Reported: seconds per update, samples/s, peak memory, FLOPs per update and MFU, the
-speed-up and memory ratio against the reference, and one step under torch.profiler by part.
+`reference_step`). Reported: seconds per update, samples/s, peak memory, FLOPs per update and MFU, and the
+speed-up and memory ratio against the reference.
 
     python bench/speed.py --backbone all --size tiny --device cpu
     python bench/speed.py --backbone sdxl --size real --batch_size 2 --compile --warmup 2 --steps 5   # GPU
@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the Hub; never wait on it
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # else the profiler logs a GPU-count error on a CPU machine
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -46,12 +45,11 @@ from models import build_parts, models_from_memory  # noqa: E402  (bench/models.
 
 BACKBONES = ["sd", "sdxl", "adapter", "pixart", "sd3"]
 OUT_DIR = os.path.join("~", ".cache", "flash_speed")  # outside the repository: a run leaves it untouched
-PART = "speed: "  # the prefix of the profiler ranges that are parts of a step
 
 
 # ------------------------------------------------------------------------------------------------------
-# per backbone, for the steps written out below: its conditioning, batch-first, and the function of the
-# script that gives the discriminator its features
+# per backbone, for the reference pattern: its conditioning, batch-first, and the function of the script
+# that gives the discriminator its features
 # ------------------------------------------------------------------------------------------------------
 
 def encode_sd(mod, m, batch, args):
@@ -76,7 +74,7 @@ def encode_pixart(mod, m, batch, args):
 class Backbone:
     script: str  # module name of the script
     denoiser: str  # attribute of the script's build() namespace that is the (LoRA-carrying) denoiser
-    encode: Optional[Callable] = None  # (mod, m, batch, args) -> (cond, uncond); None: no written-out step
+    encode: Optional[Callable] = None  # (mod, m, batch, args) -> (cond, uncond); None: no reference pattern
     features: str = "mid_features"  # the script's function that gives the discriminator's input
     notes: list = field(default_factory=list)
 
@@ -89,7 +87,7 @@ SPECS = {
                        notes=["T5: width 4096, 2 of T5-XXL's 24 layers at --size real"]),
     "sd3": Backbone("flash_sd3", "transformer", notes=[
         "T5 as in the script's default (off unless its flag turns it on)",
-        "no reference pattern and no breakdown: both steps are written out for epsilon prediction"]),
+        "no reference pattern: it is written for epsilon prediction"]),
 }
 
 
@@ -187,27 +185,11 @@ def optimizer_steps(b, losses):
 
 
 # ------------------------------------------------------------------------------------------------------
-# steps written out here, with a profiler range around each part: the reference pattern (timed as it is),
-# and our step for the breakdown only (the timed one is the script's train_step itself)
+# the reference pattern: what the original code did, on the same models and with the same losses
 # ------------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def part(name, device):
-    """A profiler range around one part of a step. While profiling, the part's device work is finished
-    before the range closes, so that each range is the part's wall time; otherwise nothing is synchronized."""
-    with torch.profiler.record_function(PART + name):
-        yield
-        if torch.autograd._profiler_enabled():
-            synchronize(device)
-
 
 def autocast(b):
     return torch.autocast(b["m"].device.type, dtype=torch.bfloat16, enabled=b["args"].mixed_precision == "bf16")
-
-
-def loss_weights(b):
-    args, phase = b["args"], common.phase_of(b["step"], b["args"].phase_steps)
-    return args.distill_weights[phase], args.dmd_weights[phase], args.adv_weights[phase]
 
 
 def guidance(args):
@@ -219,91 +201,6 @@ def cat(a, b):
     if isinstance(a, dict):
         return {k: cat(a[k], b[k]) for k in a}
     return [cat(x, y) for x, y in zip(a, b)] if isinstance(a, list) else torch.cat([a, b])
-
-
-def encode_and_student(b, grad=True, pre=""):
-    """Steps 1-3 of the scripts' train_step: latents and text, the start index and x_t, the student's x0."""
-    spec, mod, m, args = b["spec"], b["mod"], b["m"], b["args"]
-    dev, abar = m.device, m.alphas_cumprod
-    with part(pre + "encode", dev), torch.no_grad(), autocast(b):
-        pixels = b["batch"]["pixel_values"].to(dev, non_blocking=True)
-        z0 = m.vae.encode(pixels).latent_dist.sample().float() * m.vae.config.scaling_factor
-        cond, uncond = spec.encode(mod, m, b["batch"], args)
-    with part(pre + "student fwd", dev):
-        m.teacher_sched.set_timesteps(args.num_teacher_steps, device=dev)  # also resets the solver's state
-        k = common.sample_start_index(m.start_probs[common.phase_of(b["step"], args.phase_steps)])
-        t = m.teacher_sched.timesteps[k].expand(len(z0))
-        eps = torch.randn_like(z0)
-        x_t = eps if k == 0 else common.renoise(z0, eps, t, abar)
-        with torch.set_grad_enabled(grad), autocast(b):
-            eps_s = mod.denoise(b["student"], x_t, t, cond)
-        x_hat = common.lcm_x0(x_t, eps_s, t, abar)
-    return z0, cond, uncond, x_t, k, x_hat
-
-
-def distill_and_dmd(b, x_hat, x_T, cond, uncond, real_score):
-    """Losses 5a and 5b of the scripts' train_step; real_score(y, t, cond, uncond, w): the teacher's CFG eps."""
-    mod, m, args = b["mod"], b["m"], b["args"]
-    l_dist, l_dmd, _ = loss_weights(b)
-    abar, zero = m.alphas_cumprod, torch.zeros((), device=m.device)
-    losses = dict(distill=zero, dmd=zero, adv=zero)
-    if l_dist > 0:
-        losses["distill"] = common.distill_loss(x_hat, x_T, args.distill_loss, m.decode, m.lpips)
-    if l_dmd > 0:
-        t2 = torch.randint(0, len(abar), (len(x_hat),), device=m.device)
-        y = common.renoise(x_hat.detach(), torch.randn_like(x_hat), t2, abar)
-        w2 = guidance(args)
-        with torch.no_grad():
-            e_real = real_score(y, t2, cond, uncond, w2)
-            e_fake = mod.denoise(b["student"], y, t2, cond)
-        losses["dmd"] = common.dmd_loss(x_hat, y, e_real, e_fake, abar[t2])
-    return losses
-
-
-def gan_noise(b, x):
-    """The discriminator's noise levels (one per sample) and noise, drawn as the scripts draw them."""
-    levels = torch.tensor(b["mod"].GAN_TIMESTEPS, device=x.device)
-    return levels[torch.randint(0, len(levels), (len(x),), device=x.device)], torch.randn_like(x)
-
-
-def our_step_in_parts(b):
-    """Our step from the script's own functions: train_step (without --backward_sim), then the loop's
-    optimizer steps. tests/test_speed.py checks that it computes train_step's losses."""
-    spec, mod, m, args = b["spec"], b["mod"], b["m"], b["args"]
-    net, dev, abar = getattr(m, spec.denoiser), m.device, m.alphas_cumprod
-    features = getattr(mod, spec.features)
-    l_dist, l_dmd, l_adv = loss_weights(b)
-
-    def real_score(y, t, cond, uncond, w):
-        with mod.teacher_mode(net):
-            return mod.cfg_eps(net, y, t, cond, uncond, w)
-
-    z0, cond, uncond, x_t, k, x_hat = encode_and_student(b)
-    with part("teacher solve", dev), autocast(b):
-        x_T = mod.teacher_solve(m, x_t, k, cond, uncond, guidance(args))
-    with part("losses", dev), autocast(b):
-        losses = distill_and_dmd(b, x_hat, x_T, cond, uncond, real_score)
-        s, n = gan_noise(b, x_hat)
-        real = x_T if args.teacher_as_real else z0
-        fake_in = common.renoise(x_hat if l_adv > 0 else x_hat.detach(), n, s, abar)
-        with torch.no_grad(), mod.teacher_mode(net):
-            f_real = features(net, common.renoise(real, n, s, abar), s, cond).float()
-        with torch.set_grad_enabled(l_adv > 0), mod.teacher_mode(net, no_checkpointing=True):
-            f_fake = features(net, fake_in, s, cond).float()
-        if l_adv > 0:
-            m.disc.requires_grad_(False)
-            losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
-        loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
-    with part("G backward", dev):
-        loss_g.backward()
-        m.disc.requires_grad_(True)
-    with part("D fwd + backward", dev):
-        with autocast(b):
-            logits_real, logits_fake = b["disc"](torch.cat([f_real, f_fake]).detach()).float().chunk(2)
-            losses["disc"] = common.gan_d_loss(logits_real, logits_fake, args.gan_loss)
-        losses["disc"].backward()
-    with part("optimizer", dev):
-        return optimizer_steps(b, {k: v.detach() for k, v in dict(losses, loss_g=loss_g).items()})
 
 
 def make_reference_teacher(b):
@@ -327,57 +224,76 @@ def reference_step(b, teacher):
     gradient, and the discriminator update runs the whole forward again (the original ran its forward once
     per optimizer). That second pass skips the G-only losses (LPIPS, DMD), which favours the reference."""
     spec, mod, m, args = b["spec"], b["mod"], b["m"], b["args"]
-    dev, abar = m.device, m.alphas_cumprod
-    l_dist, l_dmd, l_adv = loss_weights(b)
+    dev, abar, K = m.device, m.alphas_cumprod, args.num_teacher_steps
+    phase = common.phase_of(b["step"], args.phase_steps)
+    l_dist, l_dmd, l_adv = args.distill_weights[phase], args.dmd_weights[phase], args.adv_weights[phase]
 
     def cfg_two_passes(x, t, cond, uncond, w):
         e_u = mod.denoise(teacher, x, t, uncond)
         return e_u + w * (mod.denoise(teacher, x, t, cond) - e_u)
 
-    def forward(grad, pre=""):
-        z0, cond, uncond, x, k, x_hat = encode_and_student(b, grad, pre)
-        with part(pre + "teacher solve", dev), torch.no_grad(), autocast(b):
+    def forward(grad):  # steps 1-4 of the scripts' train_step, with the teacher as above
+        with torch.no_grad(), autocast(b):
+            pixels = b["batch"]["pixel_values"].to(dev, non_blocking=True)
+            z0 = m.vae.encode(pixels).latent_dist.sample().float() * m.vae.config.scaling_factor
+            cond, uncond = spec.encode(mod, m, b["batch"], args)
+        m.teacher_sched.set_timesteps(K, device=dev)  # also resets the solver's state
+        k = common.sample_start_index(m.start_probs[phase])
+        t = m.teacher_sched.timesteps[k].expand(len(z0))
+        eps = torch.randn_like(z0)
+        x = eps if k == 0 else common.renoise(z0, eps, t, abar)
+        with torch.set_grad_enabled(grad), autocast(b):
+            x_hat = common.lcm_x0(x, mod.denoise(b["student"], x, t, cond), t, abar)
+        with torch.no_grad(), autocast(b):
             w = guidance(args)
             for tau in m.teacher_sched.timesteps[k:]:
                 x = m.teacher_sched.step(cfg_two_passes(x, tau.expand(len(x)), cond, uncond, w), tau, x).prev_sample
         return z0, cond, uncond, x_hat, x.float()
 
     def features(z0, x_hat, x_T, cond):  # (fake, real)
-        s, n = gan_noise(b, x_hat)
+        levels = torch.tensor(mod.GAN_TIMESTEPS, device=dev)
+        s, n = levels[torch.randint(0, len(levels), (len(x_hat),), device=dev)], torch.randn_like(x_hat)
         real = x_T if args.teacher_as_real else z0
         x_in = torch.cat([common.renoise(x_hat, n, s, abar), common.renoise(real, n, s, abar)])
         return getattr(mod, spec.features)(teacher, x_in, torch.cat([s, s]), cat(cond, cond)).float().chunk(2)
 
     z0, cond, uncond, x_hat, x_T = forward(grad=True)
-    with part("losses", dev), autocast(b):
-        losses = distill_and_dmd(b, x_hat, x_T, cond, uncond, cfg_two_passes)
+    zero = torch.zeros((), device=dev)
+    losses = dict(distill=zero, dmd=zero, adv=zero)
+    with autocast(b):
+        if l_dist > 0:
+            losses["distill"] = common.distill_loss(x_hat, x_T, args.distill_loss, m.decode, m.lpips)
+        if l_dmd > 0:
+            t2 = torch.randint(0, len(abar), (len(x_hat),), device=dev)
+            y = common.renoise(x_hat.detach(), torch.randn_like(x_hat), t2, abar)
+            w2 = guidance(args)
+            with torch.no_grad():
+                e_real = cfg_two_passes(y, t2, cond, uncond, w2)
+                e_fake = mod.denoise(b["student"], y, t2, cond)
+            losses["dmd"] = common.dmd_loss(x_hat, y, e_real, e_fake, abar[t2])
         if l_adv > 0:
             m.disc.requires_grad_(False)
             losses["adv"] = common.gan_g_loss(m.disc(features(z0, x_hat, x_T, cond)[0]).float(), args.gan_loss)
         loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
-    with part("G backward", dev):
-        b["opt_g"].zero_grad(set_to_none=True)
-        loss_g.backward()
-        m.disc.requires_grad_(True)
-    with part("optimizer", dev):
-        ok_g = finite(loss_g)
-        if ok_g:
-            b["opt_g"].step()
+    b["opt_g"].zero_grad(set_to_none=True)
+    loss_g.backward()
+    m.disc.requires_grad_(True)
+    ok_g = finite(loss_g)
+    if ok_g:
+        b["opt_g"].step()
 
     with torch.no_grad():  # the discriminator pass: nothing of the generator pass reused
-        z0, cond, _, x_hat, x_T = forward(grad=False, pre="D pass: ")
-        with part("D pass: features", dev), autocast(b):
-            f_fake, f_real = features(z0, x_hat, x_T, cond)
-    with part("D fwd + backward", dev):
+        z0, cond, _, x_hat, x_T = forward(grad=False)
         with autocast(b):
-            logits_real, logits_fake = b["disc"](torch.cat([f_real, f_fake])).float().chunk(2)
-            losses["disc"] = common.gan_d_loss(logits_real, logits_fake, args.gan_loss)
-        b["opt_d"].zero_grad(set_to_none=True)
-        losses["disc"].backward()
-    with part("optimizer", dev):
-        ok_d = finite(losses["disc"])
-        if ok_d:
-            b["opt_d"].step()
+            f_fake, f_real = features(z0, x_hat, x_T, cond)
+    with autocast(b):
+        logits_real, logits_fake = b["disc"](torch.cat([f_real, f_fake])).float().chunk(2)
+        losses["disc"] = common.gan_d_loss(logits_real, logits_fake, args.gan_loss)
+    b["opt_d"].zero_grad(set_to_none=True)
+    losses["disc"].backward()
+    ok_d = finite(losses["disc"])
+    if ok_d:
+        b["opt_d"].step()
     return {k: v.detach() for k, v in dict(losses, loss_g=loss_g).items()}, ok_g and ok_d
 
 
@@ -408,29 +324,13 @@ def peak_memory_gib(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
-def profile_parts(step_fn, n, device):
-    """Seconds per part over n steps under torch.profiler, and the profiled step's own time. The parts are
-    disjoint ranges inside the step, so they sum to at most its time; the rest is the glue between them."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(n):
-            with part("step", device):
-                step_fn()
-    parts = {}
-    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
-        if e.name.startswith(PART):
-            name = e.name[len(PART):]
-            parts[name] = parts.get(name, 0.0) + e.time_range.elapsed_us() / 1e6 / n
-    step = parts.pop("step")
-    return dict(breakdown=parts, breakdown_total_s=sum(parts.values()), breakdown_step_s=step)
-
-
 def flop_rate(flops, sec, peak_tflops):
     out = dict(flops_per_update=flops, tflops_per_s=flops / sec / 1e12)
     return dict(out, mfu=out["tflops_per_s"] / peak_tflops) if peak_tflops else out
 
 
-def measure(b, label, step_fn, parts_fn, opts, device):
-    """Warm-up (and compilation), the timed steps, peak memory, the profiled steps, one FLOP-counting step."""
+def measure(b, label, step_fn, opts, device):
+    """Warm-up (and compilation), the timed steps, peak memory, one FLOP-counting step."""
     desc = f"{b['name']} {label}"
     t0 = time.perf_counter()
     for _ in tqdm(range(opts.warmup), desc=f"{desc} warm-up", leave=False, dynamic_ncols=True):
@@ -451,8 +351,6 @@ def measure(b, label, step_fn, parts_fn, opts, device):
     out.update(sec_per_update=sec, samples_per_sec=b["args"].batch_size / sec, step_times=times, updated=updated,
                cpu_sec_per_update=sum(cpu_times) / len(cpu_times), peak_mem_gib=peak_memory_gib(device),
                losses={k: float(v) for k, v in losses.items() if v.numel() == 1})
-    if opts.breakdown_steps and parts_fn is not None:
-        out.update(profile_parts(parts_fn, opts.breakdown_steps, device))
     if opts.flops:
         from torch.utils.flop_counter import FlopCounterMode
         with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
@@ -478,12 +376,11 @@ def run_backbone(name, opts, device, log, res, save):
     def ours():
         return optimizer_steps(b, mod.train_step(m, b["student"], b["disc"], b["batch"], b["step"], args))
 
-    in_parts = None if spec.encode is None else (lambda: our_step_in_parts(b))
-    res["ours"] = measure(b, "ours", ours, in_parts, opts, device)
+    res["ours"] = measure(b, "ours", ours, opts, device)
     save()
     if args.compile and opts.eager_too:  # what compiling buys: the same step on the same models, eager
         with torch.compiler.set_stance("force_eager"):
-            x = measure(b, "ours eager", ours, in_parts, argparse.Namespace(**dict(vars(opts), flops=False)), device)
+            x = measure(b, "ours eager", ours, argparse.Namespace(**dict(vars(opts), flops=False)), device)
         if "flops_per_update" in res["ours"]:  # the same step's count
             x.update(flop_rate(res["ours"]["flops_per_update"], x["sec_per_update"], opts.peak_tflops))
         res.update(ours_eager=x, compile_speedup=x["sec_per_update"] / res["ours"]["sec_per_update"])
@@ -494,18 +391,11 @@ def run_backbone(name, opts, device, log, res, save):
         res["reference"] = dict(skipped=f"no reference pattern for {name} (flow matching)")
         save()
         return
-    compiled = args.compile and opts.reference_compile  # --reference_compile no: eager, as the original ran
     try:
         teacher = make_reference_teacher(b)
-        if compiled:
+        if args.compile:  # compiled as ours is, so that the ratio is the pattern's
             compile_blocks(teacher, mod.COMPILE_BLOCKS)
-        res["reference_compiled"] = compiled
-
-        def ref():
-            return reference_step(b, teacher)
-
-        with torch.compiler.set_stance("force_eager" if args.compile and not compiled else "default"):
-            res["reference"] = measure(b, "reference", ref, ref, opts, device)
+        res["reference"] = measure(b, "reference", lambda: reference_step(b, teacher), opts, device)
         res["speedup"] = res["reference"]["sec_per_update"] / res["ours"]["sec_per_update"]
         res["memory_ratio"] = res["reference"]["peak_mem_gib"] / res["ours"]["peak_mem_gib"]
     except Exception as e:  # e.g. out of memory: keep our step's numbers
@@ -529,16 +419,12 @@ def device_info(device):
 
 
 def detect_peak_tflops(device, override):
-    if override:
-        return override, "given with --peak_tflops"
-    if device.type != "cuda":
-        return None, "CPU: no MFU"
+    """The device's dense bf16 peak, for the MFU (H100 SXM and H200: 989 TFLOP/s, H100 PCIe: 756)."""
+    if override or device.type != "cuda":
+        return override, "given with --peak_tflops" if override else "CPU: no MFU"
     name = torch.cuda.get_device_name(device).upper()
-    if "H100" in name and "PCIE" in name:
-        return 756.0, f"{name}: H100 PCIe dense bf16"
-    if "H100" in name or "H200" in name:
-        return 989.0, f"{name}: H100 SXM / H200 dense bf16"
-    return None, f"{name}: unknown peak, pass --peak_tflops for MFU"
+    peak = 756.0 if "H100" in name and "PCIE" in name else 989.0 if "H100" in name or "H200" in name else None
+    return peak, f"{name}: " + ("dense bf16" if peak else "unknown peak, pass --peak_tflops for MFU")
 
 
 def versions():
@@ -555,8 +441,8 @@ def fmt(x, spec=".3g"):
 
 
 def markdown(report):
-    """The report's tables, from this version's JSON or an earlier one's (whose breakdowns, from a timeline of
-    marks rather than profiler ranges, have no breakdown_step_s)."""
+    """The report's table, from this version's JSON or an earlier one's (whose by-part breakdowns, kept in
+    their markdown, it leaves out)."""
     meta, v = report["meta"], report["meta"]["versions"]
     lines = [f"### Training-step speed: {meta['device_name']}", "",
              f"{meta['date']}; torch {v['torch']}, diffusers {v.get('diffusers')}, transformers "
@@ -571,7 +457,7 @@ def markdown(report):
             x = r.get(variant)
             if not x:
                 continue
-            compiled = r["compile"] and (variant == "ours" or variant == "reference" and r.get("reference_compiled", True))
+            compiled = r["compile"] and variant != "ours_eager"
             prec = r["mixed_precision"] + " +compile" * compiled + " +ckpt" * r["gradient_checkpointing"]
             head = (f"| {r['backbone']} | {r['size']} | {r['resolution']} | {r['batch_size']} | "
                     f"{r['solver_steps']} of {r['K']} | {prec} | {variant.replace('_', ' ')} |")
@@ -588,26 +474,6 @@ def markdown(report):
                 sec += f" (CPU {x['cpu_sec_per_update']:.3g})"
             lines.append(f"{head} {sec} | {x['samples_per_sec']:.3g} | {x['peak_mem_gib']:.2f} | "
                          f"{fmt(flops and flops / 1e12)} | {fmt(mfu and 100 * mfu, '.1f')}{'%' * bool(mfu)} |{extra}")
-    for r in report["results"]:
-        cols = [(v, r[v]) for v in ("ours", "ours_eager", "reference") if "breakdown" in (r.get(v) or {})]
-        if not cols:
-            continue
-        how = ("seconds (share of the profiled step). The parts are disjoint ranges of that step; what they leave "
-               "out is the glue between them." if "breakdown_step_s" in cols[0][1] else
-               "seconds (share of their sum), from an earlier version's timeline marks (no profiled step).")
-        lines += ["", f"One step by part, {r['backbone']} ({r['size']}, {r['resolution']} px, batch {r['batch_size']}): "
-                  + how, "",
-                  "| part | " + " | ".join(v.replace("_", " ") for v, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-        for name in dict.fromkeys(p for _, x in cols for p in x["breakdown"]):
-            cells = []
-            for _, x in cols:
-                sec, peak = x["breakdown"].get(name), x.get("breakdown_peak_mem_gib", {}).get(name)
-                share = sec and 100 * sec / x.get("breakdown_step_s", x["breakdown_total_s"])
-                cells.append("" if sec is None else f"{sec:.4g} ({share:.0f}%)" + (f", peak {peak:.1f} GiB" if peak else ""))
-            lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        for label, key in (("sum of the parts", "breakdown_total_s"), ("profiled step", "breakdown_step_s"),
-                           ("timed step (s / update)", "sec_per_update")):
-            lines.append(f"| **{label}** | " + " | ".join(fmt(x.get(key), ".4g") for _, x in cols) + " |")
     lines += ["", "Notes:"] + [f"- {n}" for n in meta["notes"]]
     for r in report["results"]:
         lines += [f"- {r['backbone']}: {n}" for n in r.get("notes", [])]
@@ -640,7 +506,6 @@ def parse_args(argv=None):
     a("--phase", type=int, default=3, choices=[0, 1, 2, 3], help="phase whose loss weights apply")
     a("--steps", type=int, default=5, help="timed steps")
     a("--warmup", type=int, default=1, help="untimed steps first (at least 1 with --compile)")
-    a("--breakdown_steps", type=int, default=1, help="steps under torch.profiler for the by-part breakdown (0: none)")
     a("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a("--mixed_precision", default=None, choices=["bf16", "no"], help="default: bf16 on CUDA, no on CPU")
     a("--compile", action="store_true", help="the script's --compile: its repeated blocks compiled (both patterns)")
@@ -648,21 +513,18 @@ def parse_args(argv=None):
     a("--distill_loss", default="lpips", choices=["lpips", "l2"], help="lpips: VGG with a random trunk")
     a("--no_reference", dest="reference", action="store_false", help="skip the reference pattern")
     a("--eager_too", action="store_true", help="with --compile: time our step eager too, on the same models")
-    a("--reference_compile", default="yes", choices=["yes", "no"],
-      help="with --compile: compile the reference too (yes), or run it eager as the original code (no)")
     a("--no_flops", dest="flops", action="store_false", help="skip the FLOP-counting step")
     a("--peak_tflops", type=float, default=None, help="device peak for MFU; default: detected (H100/H200 989)")
     a("--seed", type=int, default=0)
     a("--out", default=None, help=f"markdown file, the JSON beside it; default {OUT_DIR}/speed_<device>.md")
     a("--table", default=None, metavar="JSON", help="print the markdown of a saved JSON report and exit")
     opts = p.parse_args(argv)
-    opts.reference_compile = opts.reference_compile == "yes"
-    if opts.steps < 1 or opts.warmup < 0 or opts.breakdown_steps < 0:
-        p.error("--steps must be >= 1, --warmup and --breakdown_steps >= 0")
+    if opts.steps < 1 or opts.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
     if opts.compile and opts.warmup < 1:
         p.error("--compile needs --warmup >= 1 (the first step compiles)")
-    if not opts.compile and (opts.eager_too or not opts.reference_compile):
-        p.error("--eager_too and --reference_compile no compare against a compiled step: add --compile")
+    if opts.eager_too and not opts.compile:
+        p.error("--eager_too compares against a compiled step: add --compile")
     return opts
 
 
@@ -691,9 +553,7 @@ def main(argv=None):
              "synthetic data and byte-level tokenizers; random weights",
              "peak memory: " + ("torch.cuda.max_memory_allocated" if device.type == "cuda"
                                 else "peak RSS (getrusage), reset before each pattern"),
-             f"FLOPs: torch.utils.flop_counter over one eager step; MFU vs {opts.peak_tflops} TFLOP/s ({peak_source})",
-             "by part: one step under torch.profiler, a record_function range around each part (its device work "
-             "finished inside it); ours: train_step written out from the script's functions; reference: as timed"]
+             f"FLOPs: torch.utils.flop_counter over one eager step; MFU vs {opts.peak_tflops} TFLOP/s ({peak_source})"]
     if device.type == "cpu":
         notes.append("CPU: s / update is wall time, (CPU ...) the process's CPU time per update")
     command = "python bench/speed.py " + " ".join(sys.argv[1:] if argv is None else argv)

@@ -76,3 +76,37 @@ def test_a_renamed_flag_would_be_caught(capsys):
     """The check above can fail: a flag the scripts do not take is not in their help."""
     known = help_flags(SCRIPTS["flash_sd.py"], capsys)
     assert "--phase_steps" in known and "--phase_step" not in known and "--num_teacher_step" not in known
+
+
+def anchor(heading):
+    """GitHub's anchor for a markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_link_between_the_readmes_lands():
+    """Each relative link in either README names a file of the repository and, after #, one of its headings."""
+    for name in ("README.md", "bench/README.md"):
+        text = open(os.path.join(ROOT, name)).read()
+        links = re.findall(r"\]\(([^)\s]+)\)", text)
+        assert len(links) > 5, name
+        for link in links:
+            if link.startswith(("http://", "https://")):
+                continue
+            path, _, frag = link.partition("#")
+            target = os.path.normpath(os.path.join(ROOT, os.path.dirname(name), path)) if path else os.path.join(ROOT, name)
+            assert os.path.exists(target), f"{name}: link {link}: no {path}"
+            if frag:
+                prose = re.sub(r"^```.*?^```$", "", open(target).read(), flags=re.S | re.M)  # no code blocks
+                headings = re.findall(r"^#+ (.+)$", prose, flags=re.M)
+                assert frag in {anchor(h) for h in headings}, f"{name}: link {link}: no such heading"
+
+
+def test_every_python_block_compiles():
+    """A snippet cut short or pasted into prose (an unclosed fence) fails to compile here."""
+    for name in ("README.md", "bench/README.md"):
+        text = open(os.path.join(ROOT, name)).read()
+        assert len(re.findall(r"^```", text, flags=re.M)) % 2 == 0, f"{name}: an unclosed code fence"
+        blocks = re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
+        assert blocks, name
+        for i, block in enumerate(blocks):
+            compile(block, f"{name}, python block {i + 1}", "exec")
