@@ -1,10 +1,11 @@
 """Flash Diffusion for Stable Diffusion 1.5: distil the UNet into a 1-4 step LoRA student.
 
 Chadebec et al., "Flash Diffusion: Accelerating Any Conditional Diffusion Model for Few Steps Image
-Generation", arXiv 2406.02347. The student (UNet + LoRA) learns to reach in one step what the teacher
-(the same UNet, LoRA disabled) reaches in K DPM-Solver++ steps with classifier-free guidance, from start
-steps drawn from a Gaussian mixture that moves toward pure noise over 4 phases; a distribution-matching
-(DMD) loss and an adversarial loss on frozen UNet features join after a warm-up phase.
+Generation", arXiv 2406.02347. The student (UNet + LoRA) learns to reach in one step what the
+teacher (the same UNet, LoRA disabled) reaches in K DPM-Solver++ steps with classifier-free
+guidance, from start steps drawn from a Gaussian mixture that moves toward pure noise over 4 phases;
+a distribution-matching (DMD) loss and an adversarial loss on frozen UNet features join after a
+warm-up phase.
 
 Launch (defaults are the paper's SD1.5 settings; phase lengths count generator updates):
     # one GPU
@@ -19,16 +20,18 @@ Use the result with a stock pipeline: pipe.load_lora_weights(output_dir), LCMSch
 """
 import argparse
 import contextlib
+import errno
 import json
 import logging
 import math
 import os
 import resource
-import shutil
 import shlex
+import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 from types import SimpleNamespace
 
@@ -36,8 +39,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler,
+                       StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -52,21 +55,21 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 import common
 
-# ------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # the paper's SD1.5 settings (its released config); the flags take their defaults from here
-# ------------------------------------------------------------------------------------------------------
-MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the paper's runwayml/... (gone from the Hub), mirrored
+# ----------------------------------------------------------------------------------------------
+MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"  # the paper's runwayml/... (gone), mirrored
 RESOLUTION = 512  # training resolution (square)
 BATCH_SIZE = 4  # images per GPU per generator update
 NUM_TEACHER_STEPS = 32  # K: DPM-Solver++ steps of the teacher's full solve
-PHASE_STEPS = [2500, 2500, 2500, 2500]  # generator updates per phase (the released 5000 "iterations" count G and D)
+PHASE_STEPS = [2500] * 4  # generator updates per phase (the released 5000 "iterations": G and D)
 GUIDANCE = (3.0, 13.0)  # teacher CFG scale w ~ U[min, max], one per batch
 DISTILL_WEIGHTS = [1.0, 1.0, 1.0, 1.0]  # lambda_dist per phase
 DMD_WEIGHTS = [0.0, 0.3, 0.5, 0.7]  # lambda_dmd per phase
 ADV_WEIGHTS = [0.0, 0.1, 0.2, 0.3]  # lambda_adv per phase
 LR = 1e-5  # AdamW, constant, for the LoRA and for the discriminator head
 LORA_RANK, LORA_ALPHA, LORA_INIT = 128, 128, "gaussian"  # scale alpha / r = 1
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # attention projections of every transformer block
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # every transformer block's attention
 GAN_TIMESTEPS = [10, 250, 500, 750]  # noise levels the discriminator sees, one drawn per sample
 MIN_AESTHETIC = 6.0  # keep samples with json aesthetic_score >= this
 
@@ -88,165 +91,111 @@ def parse_args(argv=None):
     a = p.add_argument
     # data and model
     a("--model", default=MODEL, help="hub id or local diffusers folder")
-    a("--shards", nargs="+", required=True, help="webdataset tar shards: brace patterns, globs or pipe: URLs")
-    a("--output_dir", default=f"runs/{NAME}", help="metrics, samples, checkpoints and the final LoRA")
-    a("--resolution", type=int, default=RESOLUTION, help="training resolution (square; short side resized, centre crop)")
-    a("--batch_size", type=int, default=BATCH_SIZE, help="images per GPU per generator update")
-    a("--min_aesthetic", type=float, default=MIN_AESTHETIC, help="keep samples with json aesthetic_score >= this; <0: off")
-    a("--aesthetic_key", default="aesthetic_score", help="json key of the score --min_aesthetic reads")
-    a("--num_workers", type=int, default=4, help="data loading processes per GPU")
+    a("--shards", nargs="+", required=True,
+      help="webdataset tar shards: brace patterns, globs or pipe: URLs")
+    a("--output_dir", default=f"runs/{NAME}",
+      help="metrics, samples, checkpoints and the final LoRA")
+    a("--resolution", type=positive_int, default=RESOLUTION,
+      help="training resolution (square; short side resized, centre crop)")
+    a("--batch_size", type=positive_int, default=BATCH_SIZE,
+      help="images per GPU per generator update")
+    a("--min_aesthetic", type=float, default=MIN_AESTHETIC,
+      help="keep samples with json aesthetic_score >= this; <0: off")
+    a("--aesthetic_key", default="aesthetic_score", help="json key that --min_aesthetic reads")
+    a("--num_workers", type=non_negative_int, default=4, help="data loading processes per GPU")
     # schedule: 4 phases (paper section 3.2)
-    a("--phase_steps", type=int, nargs=4, default=PHASE_STEPS, help="generator updates per phase")
-    a("--max_steps", type=int, default=None, help="stop after this many updates (none: the sum of the phases)")
-    a("--num_teacher_steps", type=int, default=NUM_TEACHER_STEPS, help="K: DPM-Solver++ steps of the teacher's full solve")
+    a("--phase_steps", type=non_negative_int, nargs=4, default=PHASE_STEPS,
+      help="generator updates per phase")
+    a("--max_steps", type=positive_int, default=None,
+      help="stop after this many updates (none: the sum of the phases)")
+    a("--num_teacher_steps", type=teacher_steps, default=NUM_TEACHER_STEPS,
+      help="K: DPM-Solver++ steps of the teacher's full solve (4 to 1000)")
     a("--timestep_distribution", default="mixture", choices=["mixture", "uniform", "gaussian"],
-      help="start-index distribution over the K solver steps (uniform/gaussian: the paper's ablations)")
-    a("--backward_sim", type=float, default=0.0, help="probability that x_t for k > 0 is built from the student's "
-      "own sampler (detached, fresh noise between its steps, down to the last 4-step grid level above k) rather than "
-      "data (DMD2's backward simulation; 0: the paper's recipe)")
-    a("--guidance_min", type=float, default=GUIDANCE[0], help="teacher CFG scale w ~ U[min, max], one per batch")
+      help="start index over the K solver steps (uniform, gaussian: the paper's ablations)")
+    a("--backward_sim", type=probability, default=0.0,
+      help="probability that x_t for k > 0 comes from the student's own 4-step sampler (detached), "
+      "not from data (DMD2's backward simulation; 0: the paper's recipe)")
+    a("--guidance_min", type=float, default=GUIDANCE[0],
+      help="teacher CFG scale w ~ U[min, max], one per batch")
     a("--guidance_max", type=float, default=GUIDANCE[1], help="see --guidance_min")
     # losses
-    a("--distill_loss", default="lpips", choices=["lpips", "l2", "l1"], help="student vs teacher output")
-    a("--distill_weights", type=float, nargs=4, default=DISTILL_WEIGHTS, help="lambda_dist per phase")
+    a("--distill_loss", default="lpips", choices=["lpips", "l2", "l1"],
+      help="student vs teacher output")
+    a("--distill_weights", type=float, nargs=4, default=DISTILL_WEIGHTS,
+      help="lambda_dist per phase")
     a("--dmd_weights", type=float, nargs=4, default=DMD_WEIGHTS, help="lambda_dmd per phase")
     a("--adv_weights", type=float, nargs=4, default=ADV_WEIGHTS, help="lambda_adv per phase")
-    a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"], help="adversarial loss")
-    a("--teacher_as_real", action="store_true", help="discriminator's real samples: teacher outputs, not data")
+    a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"],
+      help="adversarial loss")
+    a("--teacher_as_real", action="store_true",
+      help="discriminator's real samples: teacher outputs, not data")
     # optimisation
-    a("--lr", type=float, default=LR, help="AdamW learning rate of the LoRA (constant)")
-    a("--lr_disc", type=float, default=LR, help="AdamW learning rate of the discriminator head (constant)")
-    a("--lora_rank", type=int, default=LORA_RANK, help="LoRA rank r")
-    a("--lora_alpha", type=float, default=LORA_ALPHA, help="LoRA alpha (scale = alpha / r)")
-    a("--mixed_precision", default="bf16", choices=["bf16", "no"], help="bf16 autocast (frozen weights in bf16 on GPU)")
-    a("--compile", action="store_true", help="compile the transformer and ResNet blocks in place (the first steps compile)")
-    a("--gradient_checkpointing", action="store_true", help="trade compute for memory in the student pass")
+    a("--lr", type=positive_float, default=LR, help="AdamW learning rate of the LoRA (constant)")
+    a("--lr_disc", type=positive_float, default=LR,
+      help="AdamW learning rate of the discriminator head (constant)")
+    a("--lora_rank", type=positive_int, default=LORA_RANK, help="LoRA rank r")
+    a("--lora_alpha", type=positive_float, default=LORA_ALPHA, help="LoRA alpha (scale alpha / r)")
+    a("--mixed_precision", default="bf16", choices=["bf16", "no"],
+      help="bf16 autocast (frozen weights in bf16 on GPU)")
+    a("--compile", action="store_true",
+      help="compile the transformer and ResNet blocks in place (the first steps compile)")
+    a("--gradient_checkpointing", action="store_true",
+      help="trade compute for memory in the student pass")
     a("--seed", type=int, default=0, help="global seed; rank r uses seed + r")
     # outputs
-    a("--log_every", type=int, default=50, help="updates between metrics lines (losses all-reduced)")
-    a("--sample_every", type=int, default=1000, help="updates between validation grids")
-    a("--checkpoint_every", type=int, default=1000, help="updates between checkpoints")
-    a("--keep_checkpoints", type=int, default=3, help="newest checkpoints kept (0: keep all)")
+    a("--log_every", type=positive_int, default=50,
+      help="updates between metrics lines (losses all-reduced)")
+    a("--sample_every", type=positive_int, default=1000, help="updates between validation grids")
+    a("--checkpoint_every", type=positive_int, default=1000, help="updates between checkpoints")
+    a("--keep_checkpoints", type=non_negative_int, default=3,
+      help="newest checkpoints kept (0: keep all)")
     a("--resume", default=None, help="'latest' or a checkpoints/step_NNNNNN folder")
     a("--overwrite", action="store_true", help="start a new run in an output_dir that holds one")
-    a("--validation_prompts", nargs="+", default=DEFAULT_PROMPTS, help="prompts of the sample grids")
+    a("--validation_prompts", nargs="+", default=DEFAULT_PROMPTS, help="the sample grids' prompts")
     return p.parse_args(argv)
 
 
-def checkpoints(output_dir):
-    """The complete checkpoint folders, oldest first (a step_NNNNNN.tmp folder is an interrupted write)."""
-    root = os.path.join(output_dir, "checkpoints")
-    names = [n for n in (os.listdir(root) if os.path.isdir(root) else []) if n.startswith("step_")
-             and n[5:].isdigit() and os.path.isfile(os.path.join(root, n, "training_state.pt"))]
-    return [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[5:]))]
-
-
-def checkpoint_error(folder, state, e):
-    """The one-line cause of a failed checkpoint write; for a full disk, the free and the needed space."""
-    size = lambda x: (x.numel() * x.element_size() if torch.is_tensor(x) else sum(map(size, x.values()))
-                      if isinstance(x, dict) else sum(map(size, x)) if isinstance(x, (list, tuple)) else 0)
-    free, need = shutil.disk_usage(os.path.dirname(folder)).free, size(state) + size(state["lora"])
-    cause = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    if getattr(e, "errno", None) == 28 or free < need:
-        cause = f"no space left on device: {free / 1e6:.1f} MB free, about {need / 1e6:.1f} MB needed"
-    return (f"checkpoint {folder} could not be written ({cause}); its .tmp folder was removed and the earlier "
-            "checkpoints are intact: fix the cause, then continue with --resume latest")
-
-
 def check_args(args):
-    """Everything that can be checked before a model is loaded; a UsageError names the flag and the fix.
-    Returns the checkpoint folders to resume from, newest first (none for a new run)."""
-    for flag in ("batch_size", "resolution", "log_every", "sample_every", "checkpoint_every", "max_steps",
-                 "lora_rank", "lora_alpha", "lr", "lr_disc"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise common.UsageError(f"--{flag} must be positive")
-    if args.num_workers < 0 or args.keep_checkpoints < 0:
-        raise common.UsageError("--num_workers and --keep_checkpoints must not be negative")
-    if not 0 <= args.backward_sim <= 1:
-        raise common.UsageError("--backward_sim is a probability: between 0 and 1")
-    if args.guidance_min > args.guidance_max:
-        raise common.UsageError("--guidance_min must not exceed --guidance_max")
-    if min(args.phase_steps) < 0 or sum(args.phase_steps) == 0:
-        raise common.UsageError("--phase_steps: four non-negative batch counts with a positive sum")
-    for p, n in enumerate(args.phase_steps):
-        if n and max(args.distill_weights[p], args.dmd_weights[p], args.adv_weights[p]) <= 0:
-            raise common.UsageError(f"phase {p} has no positive loss weight: raise one of --distill_weights, "
-                                    "--dmd_weights, --adv_weights for it")
-    if not 4 <= args.num_teacher_steps <= 1000:  # the mixture's 4 modes sit at multiples of K // 4
-        raise common.UsageError("--num_teacher_steps: K must be between 4 and 1000")
-    if any(not p.strip() for p in args.validation_prompts):
-        raise common.UsageError("--validation_prompts: an empty prompt; give each prompt as a non-empty quoted string")
-    if os.path.isfile(args.output_dir):
-        raise common.UsageError(f"--output_dir {args.output_dir}: a file, not a folder; choose another --output_dir")
-    try:
-        os.makedirs(args.output_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=args.output_dir).close()
-    except OSError as e:
-        raise common.UsageError(f"--output_dir {args.output_dir}: cannot write there ({e.strerror}); choose a "
-                                "writable folder") from None
-    common.expand_shards(args.shards)
+    """This backbone's start-up checks of --model and --resolution, before any model loads; a
+    UsageError names the flag and the fix (check_flags checks what every script checks)."""
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
         unet_cfg = UNet2DConditionModel.load_config(args.model, subfolder="unet")
     except Exception as e:
-        if not os.path.isdir(args.model):  # a hub id: the download failed
-            raise common.UsageError(f"--model {args.model}: not a local folder, and the Hugging Face Hub could not "
-                                    f"provide it ({type(e).__name__}: offline, a typo, or a gated model that needs "
-                                    "`hf auth login`); "
-                                    "download it with `hf download ID --local-dir DIR` and pass that folder") from e
-        first_line = str(e).splitlines()[0] if str(e) else ""
-        raise common.UsageError(f"--model {args.model}: cannot read a diffusers SD1.5 layout there (vae/ and "
-                                f"unet/ configs): {type(e).__name__}: {first_line}") from e
+        raise model_error(args.model, "a diffusers SD1.5 layout (vae/ and unet/ configs)", e) from e
     if unet_cfg.get("addition_embed_type") is not None:
-        raise common.UsageError(f"--model {args.model}: a UNet with added conditioning (addition_embed_type "
-                                f"{unet_cfg.get('addition_embed_type')}); use flash_sdxl.py for SDXL")
-    # the latent must survive every UNet downsampling; the stock pipeline (validation) wants multiples of 8
-    down = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
-    factor = math.lcm(8, down)
+        raise common.UsageError(f"--model {args.model}: a UNet with added conditioning "
+                                f"({unet_cfg['addition_embed_type']}); use flash_sdxl.py for SDXL")
+    # the latent must survive every UNet downsampling; the stock pipeline wants multiples of 8
+    vae_down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    factor = math.lcm(8, vae_down * 2 ** (len(unet_cfg["block_out_channels"]) - 1))
     if args.resolution % factor:
-        raise common.UsageError(f"--resolution {args.resolution}: must be a multiple of {factor} for this model "
-                                f"(VAE and UNet downsampling), e.g. {max(factor, args.resolution // factor * factor)}")
-    # resume, or refuse to mix a new run into an old one
-    found = checkpoints(args.output_dir)
-    if args.resume == "latest":
-        if not found:
-            raise common.UsageError(f"--resume latest: no checkpoint in {args.output_dir}/checkpoints; "
-                                    "drop --resume to start a new run")
-        return found[::-1]  # newest first: main falls back to an older one if the newest does not load
-    if args.resume:
-        if not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
-            raise common.UsageError(f"--resume {args.resume}: no training_state.pt there; give a "
-                                    "checkpoints/step_NNNNNN folder or 'latest'")
-        return [args.resume]
-    if found and not args.overwrite:
-        raise common.UsageError(f"--output_dir {args.output_dir} already holds a run; pass --resume latest to "
-                                "continue it, --overwrite to start over there, or choose another --output_dir")
-    if os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")) and not args.overwrite:
-        raise common.UsageError(f"--output_dir {args.output_dir} holds a run that wrote no checkpoint (metrics.jsonl "
-                                "only); pass --overwrite to start over there, or choose another --output_dir")
-    return []
+        raise common.UsageError(f"--resolution {args.resolution}: must be a multiple of {factor} "
+                                "for this model (VAE and UNet downsampling), e.g. "
+                                f"{max(factor, args.resolution // factor * factor)}")
 
 
-# ------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # the backbone: loading, text encoding, denoiser calls, features for the discriminator
-# ------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
 def build(args, device):
-    """Everything a training step reads, loaded once. The student is the UNet with its LoRA; the teacher is
-    the same UNet with the LoRA disabled (`teacher_mode`): one copy of the weights."""
-    dtype = torch.bfloat16 if args.mixed_precision == "bf16" and device.type == "cuda" else torch.float32
+    """Everything a training step reads, loaded once. The student is the UNet with its LoRA; the
+    teacher is the same UNet with the LoRA disabled (`teacher_mode`): one copy of the weights."""
+    bf16 = args.mixed_precision == "bf16" and device.type == "cuda"
+    dtype = torch.bfloat16 if bf16 else torch.float32
     tokenizer = CLIPTokenizer.from_pretrained(args.model, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", dtype=dtype)
     vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=dtype)
     unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", dtype=dtype)
     for module in (text_encoder, vae, unet):
         module.requires_grad_(False).eval().to(device)
-    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights=LORA_INIT,
-                                target_modules=LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
+                                init_lora_weights=LORA_INIT, target_modules=LORA_TARGETS))
     for p in unet.parameters():
         if p.requires_grad:
             p.data = p.data.float()  # trainable LoRA weights stay fp32 under bf16 autocast
-    if args.gradient_checkpointing:  # the denoiser, and the VAE decoder that the LPIPS loss backpropagates through
+    if args.gradient_checkpointing:  # the UNet, and the VAE decoder LPIPS backpropagates through
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
     sched_config = DPMSolverMultistepScheduler.load_config(args.model, subfolder="scheduler")
@@ -258,22 +207,26 @@ def build(args, device):
     latent = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     with torch.no_grad(), teacher_mode(unet):
         z = torch.zeros(1, vae.config.latent_channels, latent, latent, device=device, dtype=dtype)
-        f = mid_features(unet, z, torch.zeros(1, device=device, dtype=torch.long), uncond.to(dtype))
-    lpips = common.make_lpips().to(device).requires_grad_(False).eval() if args.distill_loss == "lpips" else None
+        t0 = torch.zeros(1, device=device, dtype=torch.long)
+        f = mid_features(unet, z, t0, uncond.to(dtype))
+    lpips = None
+    if args.distill_loss == "lpips":
+        lpips = common.make_lpips().to(device).requires_grad_(False).eval()
     return SimpleNamespace(
-        device=device, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, uncond=uncond,
-        teacher_sched=teacher_sched, sched_config=sched_config, lpips=lpips,
+        device=device, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, denoiser=unet,
+        uncond=uncond, teacher_sched=teacher_sched, sched_config=sched_config, lpips=lpips,
         alphas_cumprod=teacher_sched.alphas_cumprod.to(device, torch.float32),
         disc=make_discriminator(f.shape[1], f.shape[-1]).to(device),
         decode=lambda z: vae.decode(z / vae.config.scaling_factor).sample,
-        start_probs=[common.start_index_probs(args.num_teacher_steps, pi, args.timestep_distribution)
-                     for pi in common.MODE_PROBS])
+        start_probs=[common.start_index_probs(args.num_teacher_steps, p, args.timestep_distribution)
+                     for p in common.MODE_PROBS],
+        extra=None)  # per-sample inputs the data loader adds beside image and caption: none here
 
 
 @torch.no_grad()
 def encode_text(tokenizer, text_encoder, prompts, device):
-    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids.to(device)
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids.to(device)
     return text_encoder(ids)[0]
 
 
@@ -284,13 +237,14 @@ def denoise(unet, x, t, c):
 
 def cfg_eps(unet, x, t, cond, uncond, w):
     """Classifier-free guidance in one batched forward: cat[uncond, cond], then chunk(2)."""
-    e_u, e_c = denoise(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond])).chunk(2)
+    e = denoise(unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([uncond, cond]))
+    e_u, e_c = e.chunk(2)
     return e_u + w * (e_c - e_u)
 
 
 def mid_features(unet, x, t, c):
-    """The UNet's forward (diffusers' UNet2DConditionModel.forward for SD1.5) stopped after the mid block:
-    the discriminator's input, without paying for the up blocks."""
+    """The UNet's forward (diffusers' UNet2DConditionModel.forward for SD1.5) stopped after the mid
+    block: the discriminator's input, without paying for the up blocks."""
     emb = unet.time_embedding(unet.get_time_embed(sample=x, timestep=t))
     h = unet.conv_in(x)
     for block in unet.down_blocks:
@@ -303,8 +257,8 @@ def mid_features(unet, x, t, c):
 
 @contextlib.contextmanager
 def teacher_mode(unet, no_checkpointing=False):
-    """LoRA off: the UNet is the frozen teacher. Gradient checkpointing would recompute this pass during
-    backward with the LoRA back on, so passes that backpropagate in teacher mode turn it off."""
+    """LoRA off: the UNet is the frozen teacher. Gradient checkpointing would recompute this pass
+    during backward with the LoRA back on, so the passes that backpropagate here turn it off."""
     ckpt = no_checkpointing and unet.is_gradient_checkpointing
     unet.disable_adapters()
     if ckpt:
@@ -319,37 +273,52 @@ def teacher_mode(unet, no_checkpointing=False):
 
 @torch.no_grad()
 def teacher_solve(m, x_t, k, cond, uncond, w):
-    """K-step DPM-Solver++ with CFG from ts[k] down to 0 (m.teacher_sched.set_timesteps(K) done by the
-    caller, which also resets the solver's multistep state)."""
-    with teacher_mode(m.unet):
+    """K-step DPM-Solver++ with CFG from ts[k] down to 0 (the caller's set_timesteps(K) also resets
+    the solver's multistep state)."""
+    with teacher_mode(m.denoiser):
         x = x_t
         for tau in m.teacher_sched.timesteps[k:]:
-            e = cfg_eps(m.unet, x, tau.expand(len(x)), cond, uncond, w)
+            e = cfg_eps(m.denoiser, x, tau.expand(len(x)), cond, uncond, w)
             x = m.teacher_sched.step(e, tau, x).prev_sample
     return x.float()
 
 
+@torch.no_grad()
+def student_sample(m, z0, k, cond, K):
+    """--backward_sim (DMD2's backward simulation): the student's own 4-step sampler from pure
+    noise down to the last 4-step grid level above ts[k], fresh noise between steps. Returns x0."""
+    ts, abar, B = m.teacher_sched.timesteps, m.alphas_cumprod, len(z0)
+    x = torch.randn_like(z0)
+    for j in range(0, k, K // 4):
+        tj = ts[j].expand(B)
+        x0 = common.lcm_x0(x, denoise(m.denoiser, x, tj, cond), tj, abar)
+        if j + K // 4 < k:
+            x = common.renoise(x0, torch.randn_like(z0), ts[j + K // 4].expand(B), abar)
+    return x0
+
+
 def make_discriminator(ch, size):
-    """SD1.5 head (the released config) for (ch, size, size) mid-block features: 8x8 at 512 px gives one
-    logit; other sizes give a logit map (the last kernel shrinks for maps under 4x4)."""
+    """SD1.5 head (the released config) for (ch, size, size) mid-block features: 8x8 at 512 px gives
+    one logit; other sizes give a logit map (the last kernel shrinks for maps under 4x4)."""
     s = max(size // 2, 1)  # map size after the strided conv
+    down = (4, 2, 1) if size >= 2 else (3, 1, 1)  # kernel, stride, padding
     return nn.Sequential(
         nn.Conv2d(ch, 64, 3, 1, 1), nn.SiLU(),
-        nn.Conv2d(64, 128, 4, 2, 1, bias=False) if size >= 2 else nn.Conv2d(64, 128, 3, 1, 1, bias=False),
-        nn.SiLU(), nn.GroupNorm(4, 128),
+        nn.Conv2d(64, 128, *down, bias=False), nn.SiLU(), nn.GroupNorm(4, 128),
         nn.Conv2d(128, 1, min(4, s), 1, 0, bias=False), nn.Flatten())
 
 
-# ------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # one training step (paper section 3, Algorithm 1)
-# ------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
 def train_step(m, student, disc, batch, step, args):
-    """One batch: one forward, then the generator's and the discriminator's backward; the loop steps the
-    optimizers. `student` and `disc` are the DDP-wrapped UNet and head (the plain ones in one process).
-    Returns {loss name: detached tensor}."""
+    """One batch: one forward, then the generator's and the discriminator's backward; the loop steps
+    the optimizers. `student` and `disc` are the DDP-wrapped UNet and head (the plain ones in one
+    process). Returns {loss name: detached tensor}."""
     dev, abar = m.device, m.alphas_cumprod
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+    bf16 = args.mixed_precision == "bf16"
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16)
     phase = common.phase_of(step, args.phase_steps)
     B = batch["pixel_values"].shape[0]
 
@@ -360,23 +329,16 @@ def train_step(m, student, disc, batch, step, args):
         cond = encode_text(m.tokenizer, m.text_encoder, batch["text"], dev)
     uncond = m.uncond.expand(B, -1, -1)
 
-    # 2. start index k from the phase's mixture; x_t on the teacher's trailing grid (pure noise at k = 0)
+    # 2. start index k from the phase's mixture; x_t on the teacher's trailing grid (noise at k = 0)
     K = args.num_teacher_steps
     m.teacher_sched.set_timesteps(K, device=dev)  # also resets the multistep solver's state
-    ts = m.teacher_sched.timesteps
     k = common.sample_start_index(m.start_probs[phase])
-    t = ts[k].expand(B)
+    t = m.teacher_sched.timesteps[k].expand(B)
     eps = torch.randn_like(z0)
     x_t = eps if k == 0 else common.renoise(z0, eps, t, abar)
-    if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:  # from its own outputs, not data
-        with torch.no_grad(), autocast:  # the student's own 4-step sampler over the grid levels above k
-            x = torch.randn_like(z0)  # then, between its steps, x0 re-noised with fresh noise
-            for j in range(0, k, K // 4):
-                tj = ts[j].expand(B)
-                x0 = common.lcm_x0(x, denoise(m.unet, x, tj, cond), tj, abar)
-                if j + K // 4 < k:
-                    x = common.renoise(x0, torch.randn_like(z0), ts[j + K // 4].expand(B), abar)
-        x_t = common.renoise(x0, eps, t, abar)
+    if k > 0 and args.backward_sim > 0 and torch.rand(()) < args.backward_sim:
+        with autocast:  # from the student's own outputs, not data
+            x_t = common.renoise(student_sample(m, z0, k, cond, K), eps, t, abar)
 
     # 3. student: one step, x0 from its epsilon with the LCM boundary scalings
     with autocast:
@@ -389,31 +351,34 @@ def train_step(m, student, disc, batch, step, args):
         x_T = teacher_solve(m, x_t, k, cond, uncond, w)
 
     # 5. generator losses
-    l_dist, l_dmd, l_adv = (args.distill_weights[phase], args.dmd_weights[phase], args.adv_weights[phase])
+    l_dist, l_dmd = args.distill_weights[phase], args.dmd_weights[phase]
+    l_adv = args.adv_weights[phase]
     zero = torch.zeros((), device=dev)
     losses = dict(distill=zero, dmd=zero, adv=zero)
     with autocast:
         if l_dist > 0:  # 5a. distillation: one student step vs the teacher's K-step solve
-            losses["distill"] = common.distill_loss(x_hat, x_T, args.distill_loss, m.decode, m.lpips)
-        if l_dmd > 0:  # 5b. DMD: teacher with CFG is the real score, the student itself the fake score
+            losses["distill"] = common.distill_loss(x_hat, x_T, args.distill_loss, m.decode,
+                                                    m.lpips)
+        if l_dmd > 0:  # 5b. DMD: the teacher with CFG is the real score, the student the fake score
             t2 = torch.randint(0, len(abar), (B,), device=dev)
             y = common.renoise(x_hat.detach(), torch.randn_like(x_hat), t2, abar)
             w2 = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
             with torch.no_grad():
-                with teacher_mode(m.unet):
-                    e_real = cfg_eps(m.unet, y, t2, cond, uncond, w2)
-                e_fake = denoise(m.unet, y, t2, cond)
+                with teacher_mode(m.denoiser):
+                    e_real = cfg_eps(m.denoiser, y, t2, cond, uncond, w2)
+                e_fake = denoise(m.denoiser, y, t2, cond)
             losses["dmd"] = common.dmd_loss(x_hat, y, e_real, e_fake, abar[t2])
         # 5c. GAN: frozen-teacher mid-block features of re-noised fake and real latents, same noise
-        s = torch.tensor(GAN_TIMESTEPS, device=dev)[torch.randint(0, len(GAN_TIMESTEPS), (B,), device=dev)]
+        levels = torch.tensor(GAN_TIMESTEPS, device=dev)
+        s = levels[torch.randint(0, len(GAN_TIMESTEPS), (B,), device=dev)]
         n = torch.randn_like(x_hat)
         real = x_T if args.teacher_as_real else z0
         fake_in = common.renoise(x_hat if l_adv > 0 else x_hat.detach(), n, s, abar)
         # the real half needs no gradient: run apart, it saves no activations for the backward
-        with torch.no_grad(), teacher_mode(m.unet):
-            f_real = mid_features(m.unet, common.renoise(real, n, s, abar), s, cond).float()
-        with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.unet, no_checkpointing=True):
-            f_fake = mid_features(m.unet, fake_in, s, cond).float()
+        with torch.no_grad(), teacher_mode(m.denoiser):
+            f_real = mid_features(m.denoiser, common.renoise(real, n, s, abar), s, cond).float()
+        with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.denoiser, no_checkpointing=True):
+            f_fake = mid_features(m.denoiser, fake_in, s, cond).float()
         if l_adv > 0:
             m.disc.requires_grad_(False)  # D is not trained by the generator's loss
             losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
@@ -430,31 +395,35 @@ def train_step(m, student, disc, batch, step, args):
     return {name: v.detach() for name, v in losses.items()}
 
 
-# ------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 # validation and export
-# ------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
 
 @torch.no_grad()
 def sample_grid(m, args, step):
-    """Teacher (DPM-Solver++, 25 steps, CFG 7.5) beside the student (LCM, 1/2/4 steps, no CFG), on the
-    validation prompts with a fixed generator; rows are prompts. Returns the PNG's path."""
-    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-                                   scheduler=LCMScheduler.from_config(m.sched_config, timestep_spacing="trailing"),
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    """Teacher (DPM-Solver++, 25 steps, CFG 7.5) beside the student (LCM, 1/2/4 steps, no CFG), on
+    the validation prompts with a fixed generator; rows are prompts. Returns the PNG's path."""
+    pipe = StableDiffusionPipeline(
+        vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.denoiser,
+        scheduler=LCMScheduler.from_config(m.sched_config, timestep_spacing="trailing"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    autocast = torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=args.mixed_precision == "bf16")
+    bf16 = args.mixed_precision == "bf16"
+    autocast = torch.autocast(m.device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def run(steps, guidance):
         g = torch.Generator(m.device).manual_seed(args.seed)
         with autocast:
-            return pipe(args.validation_prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                        height=args.resolution, width=args.resolution, output_type="pt").images.float().cpu()
+            return pipe(args.validation_prompts, num_inference_steps=steps, guidance_scale=guidance,
+                        generator=g, height=args.resolution, width=args.resolution,
+                        output_type="pt").images.float().cpu()
 
     columns = {f"student {n} step{'s' * (n > 1)}": run(n, 0.0) for n in (1, 2, 4)}
-    pipe.scheduler = DPMSolverMultistepScheduler.from_config(m.sched_config, algorithm_type="dpmsolver++")
-    with teacher_mode(m.unet):
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(m.sched_config,
+                                                             algorithm_type="dpmsolver++")
+    with teacher_mode(m.denoiser):
         columns = {"teacher 25 steps": run(25, 7.5), **columns}
-    images = torch.stack(list(columns.values()), 1).flatten(0, 1)  # prompt-major: one row per prompt
+    images = torch.stack(list(columns.values()), 1).flatten(0, 1)  # prompt-major: a row per prompt
     if images.shape[-1] < 128:  # tiny models: upscaled so the pictures and the labels can be seen
         images = F.interpolate(images, scale_factor=128 // images.shape[-1], mode="nearest")
     grid = to_pil_image(make_grid(images, nrow=len(columns), padding=0))
@@ -468,230 +437,389 @@ def sample_grid(m, args, step):
 
 
 def export_lora(unet, out_dir):
-    """pytorch_lora_weights.safetensors that StableDiffusionPipeline.load_lora_weights(out_dir) loads, with
-    the LoRA config (rank, alpha) in its metadata so the scale is right.
-    Also flash_sd_comfyui.safetensors, for ComfyUI, AUTOMATIC1111 and Forge (comfyui_state_dict)."""
+    """pytorch_lora_weights.safetensors, which StableDiffusionPipeline.load_lora_weights(out_dir)
+    loads, with the LoRA config (rank, alpha) in its metadata so the scale is right; and
+    flash_sd_comfyui.safetensors for ComfyUI, AUTOMATIC1111 and Forge. Returns the first's path."""
     StableDiffusionPipeline.save_lora_weights(
         out_dir, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)),
         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
     save_file(comfyui_state_dict(unet), os.path.join(out_dir, f"{NAME}_comfyui.safetensors"))
+    return os.path.join(out_dir, "pytorch_lora_weights.safetensors")
 
 
 def comfyui_state_dict(unet):
-    """The LoRA in kohya's form on the diffusers module path: lora_unet_<path with . as _>.lora_down.weight,
-    .lora_up.weight and .alpha, the form ComfyUI, AUTOMATIC1111 and Forge map onto their SD1.5 UNet. .alpha is
-    the trained alpha (diffusers' convert_state_dict_to_kohya writes alpha = r, right only when alpha = rank)."""
-    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()})
+    """The LoRA in kohya's form on the diffusers module path (lora_unet_<path with . as _> with
+    .lora_down.weight, .lora_up.weight and .alpha), which ComfyUI, AUTOMATIC1111 and Forge map onto
+    their SD1.5 UNet. .alpha is the trained alpha (diffusers' convert_state_dict_to_kohya writes
+    alpha = r, right only when alpha = rank)."""
+    lora = {f"unet.{k}": v for k, v in get_peft_model_state_dict(unet).items()}
     alpha = float(unet.peft_config["default"].lora_alpha)
-    return {k: torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous() for k, v in kohya.items()}
+    kohya = convert_state_dict_to_kohya(lora)
+    return {k: torch.tensor(alpha) if k.endswith(".alpha") else v.contiguous()
+            for k, v in kohya.items()}
 
 
-# ------------------------------------------------------------------------------------------------------
-# main: processes, models, optimizers, resume, the loop with its metrics, samples and checkpoints
-# ------------------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# run plumbing: the same text in every flash_*.py (tests/test_plumbing.py holds it so)
+# ----------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    args = parse_args(argv)
-    resume_from = check_args(args)
+def checked(kind, ok, rule):
+    """An argparse type: kind(text), refused with `rule` unless ok(value)."""
+    def parse(text):
+        if not ok(value := kind(text)):
+            raise argparse.ArgumentTypeError(f"{text}: {rule}")
+        return value
+    parse.__name__ = kind.__name__  # argparse: "invalid int value" for text that is no number
+    return parse
 
-    # processes: torchrun sets RANK (one process per device, nccl on CUDA, gloo on CPU); else a single one
-    ddp, cuda = "RANK" in os.environ, torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+
+positive_int = checked(int, lambda v: v > 0, "must be positive")
+positive_float = checked(float, lambda v: v > 0, "must be positive")
+non_negative_int = checked(int, lambda v: v >= 0, "must not be negative")
+probability = checked(float, lambda v: 0 <= v <= 1, "a probability: between 0 and 1")
+teacher_steps = checked(int, lambda v: 4 <= v <= 1000, "K must be between 4 and 1000")  # 4 modes
+
+
+def check_flags(args):
+    """What every script refuses before a model loads (the flags' ranges are their types)."""
+    if args.guidance_min > args.guidance_max:
+        raise common.UsageError("--guidance_min must not exceed --guidance_max")
+    if sum(args.phase_steps) == 0:
+        raise common.UsageError("--phase_steps: four non-negative batch counts with a positive sum")
+    for p, n in enumerate(args.phase_steps):
+        if n and max(args.distill_weights[p], args.dmd_weights[p], args.adv_weights[p]) <= 0:
+            raise common.UsageError(f"phase {p} has no positive loss weight: raise one of "
+                                    "--distill_weights, --dmd_weights, --adv_weights for it")
+    if any(not p.strip() for p in args.validation_prompts):
+        raise common.UsageError("--validation_prompts: an empty prompt; give each prompt as a "
+                                "non-empty quoted string")
+    common.expand_shards(args.shards)
+
+
+def one_line(e):
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def model_error(model, layout, e):
+    """The UsageError for a --model whose configs do not load: a failed download, a wrong layout."""
+    if os.path.isdir(model):
+        return common.UsageError(f"--model {model}: cannot read {layout} there: {one_line(e)}")
+    return common.UsageError(f"--model {model}: not a local folder, and the Hugging Face Hub could "
+                             "not provide it; `hf download ID --local-dir DIR`, then pass DIR")
+
+
+def checkpoints(output_dir):
+    """The complete checkpoint folders, oldest first (step_NNNNNN.tmp is an unfinished write)."""
+    root = os.path.join(output_dir, "checkpoints")
+    names = os.listdir(root) if os.path.isdir(root) else []
+    names = [n for n in names if n.startswith("step_") and n[5:].isdigit()]
+    folders = [os.path.join(root, n) for n in sorted(names, key=lambda n: int(n[5:]))]
+    return [f for f in folders if os.path.isfile(os.path.join(f, "training_state.pt"))]
+
+
+def find_resume(args):
+    """The checkpoints to resume from, newest first; none for a new run, which must not mix into an
+    old one. The output folder must be writable."""
+    out, found = args.output_dir, checkpoints(args.output_dir)[::-1]
+    if os.path.isfile(out):
+        raise common.UsageError(f"--output_dir {out}: a file, not a folder; choose another")
+    try:
+        os.makedirs(out, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        raise common.UsageError(f"--output_dir {out}: cannot write there ({e.strerror}); choose "
+                                "a writable folder") from None
+    if args.resume == "latest" and not found:
+        raise common.UsageError(f"--resume latest: no checkpoint in {out}/checkpoints; drop it")
+    given = args.resume not in (None, "latest")
+    if given and not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
+        raise common.UsageError(f"--resume {args.resume}: no training_state.pt there; give a "
+                                "checkpoints/step_NNNNNN folder or 'latest'")
+    if args.resume:
+        return found if args.resume == "latest" else [args.resume]  # newest first: main falls back
+    if found and not args.overwrite:
+        raise common.UsageError(f"--output_dir {out} already holds a run; pass --resume latest to "
+                                "continue it, --overwrite to start over there, or choose another")
+    if os.path.exists(os.path.join(out, "metrics.jsonl")) and not args.overwrite:
+        raise common.UsageError(f"--output_dir {out} holds a run that wrote no checkpoint; pass "
+                                "--overwrite to start over there, or choose another --output_dir")
+    return []
+
+
+def setup(args, argv):
+    """torchrun sets RANK: one process per device (nccl on CUDA, gloo on CPU); else one process.
+    Rank 0 prepares the output folder and logs to the terminal and log.txt; the others are quiet."""
+    cuda, ddp = torch.cuda.is_available(), "RANK" in os.environ
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    barrier = dist.barrier if ddp else (lambda: None)
-    if rank == 0:
-        if args.overwrite and not args.resume:
-            for name in ("checkpoints", "samples", "metrics.jsonl", "log.txt"):
-                path = os.path.join(args.output_dir, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.path.exists(path) and os.remove(path)
-        for sub in ("samples", "checkpoints"):
-            os.makedirs(os.path.join(args.output_dir, sub), exist_ok=True)
+    if rank == 0 and args.overwrite and not args.resume:
+        for name in ("checkpoints", "samples", "metrics.jsonl", "log.txt"):
+            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                os.remove(os.path.join(args.output_dir, name))
+    os.makedirs(os.path.join(args.output_dir, "checkpoints"), exist_ok=True)
+    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
     barrier()
-    # rank 0 logs to the terminal (above the progress bar) and to log.txt; the other ranks stay quiet
     log = logging.getLogger(NAME)
-    log.handlers.clear()
+    log.handlers = [logging.NullHandler()]
     log.propagate = False
     log.setLevel(logging.DEBUG)
-    handlers = [logging.StreamHandler(), logging.FileHandler(os.path.join(args.output_dir, "log.txt"))] if rank == 0 else []
-    for h in handlers or [logging.NullHandler()]:
+    if rank == 0:
+        log.handlers = [logging.StreamHandler(), logging.FileHandler(f"{args.output_dir}/log.txt")]
+        log.handlers[0].setLevel(logging.INFO)  # tracebacks: log.txt only
+    for h in log.handlers:
         h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%H:%M:%S"))
-        h.setLevel(logging.DEBUG if isinstance(h, logging.FileHandler) else logging.INFO)  # tracebacks: log.txt only
-        log.addHandler(h)
     log.info(f"command: {shlex.join([sys.argv[0], *(sys.argv[1:] if argv is None else argv)])}")
     log.info(f"flags: {json.dumps(vars(args))}")
+    return rank, world_size, device, log
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def compile_blocks(net):
+    """--compile, regional: each repeated block compiled in place, so saved keys carry no prefix."""
+    blocks = [b for b in net.modules() if type(b).__name__ in COMPILE_BLOCKS]
+    if not blocks:
+        raise common.UsageError(f"--compile: no {' or '.join(COMPILE_BLOCKS)} in this model; name "
+                                "its repeated block classes in COMPILE_BLOCKS")
+    for block in blocks:
+        block.compile(dynamic=False)
+    # every compiled block shares one frame (Module._call_impl): room for each (class, shape, grad
+    # mode, LoRA on/off) graph, past which dynamo would silently fall back to eager
+    config = torch._dynamo.config
+    config.recompile_limit = max(config.recompile_limit, 256)
+    config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 1024)
+
+
+def resume(resume_from, m, opt_g, opt_d, args, world_size, log):
+    """Loads the newest checkpoint that loads (naming each that does not) into the LoRA, the head
+    and both optimizers; returns (step, nonfinite). The model and the LoRA's shape and scale must
+    match; other flags may change, and the log says which did."""
+    for folder in resume_from:
+        try:
+            state = torch.load(f"{folder}/training_state.pt", map_location="cpu", weights_only=True)
+            break
+        except Exception as e:
+            log.info(f"--resume: {folder}/training_state.pt does not load ({one_line(e)}); "
+                     "trying the next newest")
+    else:
+        raise common.RunError(f"--resume: no checkpoint loads ({', '.join(resume_from)}); start "
+                              "over with --overwrite, or give a readable one with --resume PATH")
+    missing = [k for k in ("step", "config", "lora", "disc", "opt_g", "opt_d") if k not in state]
+    if missing:
+        raise common.RunError(f"--resume: {folder} has no {', '.join(missing)}: not a checkpoint "
+                              f"of {NAME}.py; resume from another, or start over with --overwrite")
+    for flag in ("model", "lora_rank", "lora_alpha"):
+        if state["config"].get(flag) != getattr(args, flag):
+            saved, now = state["config"].get(flag), getattr(args, flag)
+            raise common.UsageError(f"--resume: the checkpoint has --{flag} {saved}, this run "
+                                    f"{now}; resume with the same value")
+    set_peft_model_state_dict(m.denoiser, state["lora"])
+    m.disc.load_state_dict(state["disc"])
+    for opt, saved, lr in ((opt_g, state["opt_g"], args.lr), (opt_d, state["opt_d"], args.lr_disc)):
+        opt.load_state_dict(saved)
+        opt.param_groups[0]["lr"] = lr  # the command line wins over the saved learning rate
+    # versions before world_size was saved: unknown (None); the nonfinite count is only logged
+    saved = dict(state["config"], world_size=state.get("world_size"))
+    now = dict(vars(args), world_size=world_size)
+    for run in (saved, now):
+        run["global_batch"] = run["world_size"] * run["batch_size"] if run["world_size"] else None
+    changed = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    changed = {k: v for k, v in changed.items() if k not in ("resume", "overwrite")}
+    log.info(f"resumed from {folder} at step {state['step']}; changed (saved, now): {changed}")
+    return state["step"], state.get("nonfinite", 0)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (torchrun, SLURM) and Ctrl-C set the yielded event: the loop finishes its step, the
+    ranks agree, a checkpoint is written. A second Ctrl-C stops at once."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def any_rank(device, *flags):
+    """Whether any rank raised each flag: one small all-reduce (the loop's one host sync)."""
+    flags = torch.stack([torch.as_tensor(f, device=device) for f in flags]).float()
+    if dist.is_initialized():
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return [bool(f) for f in flags.tolist()]
+
+
+def save_checkpoint(m, opt_g, opt_d, args, step, nonfinite, world_size, log):
+    """Rank 0: checkpoints/step_NNNNNN written under a temporary name, read back, renamed; then the
+    oldest past --keep_checkpoints removed. Returns None, or why the write failed."""
+    final = os.path.join(args.output_dir, "checkpoints", f"step_{step:06d}")
+    tmp = final + ".tmp"
+    lora = get_peft_model_state_dict(m.denoiser)
+    state = dict(step=step, nonfinite=nonfinite, config=vars(args), world_size=world_size,
+                 lora=lora, disc=m.disc.state_dict(), opt_g=opt_g.state_dict(),
+                 opt_d=opt_d.state_dict())
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        torch.save(state, os.path.join(tmp, "training_state.pt"))
+        export_lora(m.denoiser, tmp)
+        torch.load(os.path.join(tmp, "training_state.pt"), mmap=True, weights_only=True)
+    except Exception as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        free = shutil.disk_usage(os.path.dirname(final)).free
+        need = tensor_bytes(state) + tensor_bytes(lora)  # the state and the exported LoRA
+        cause = one_line(e)
+        if getattr(e, "errno", None) == errno.ENOSPC or free < need:
+            cause = f"no space left on device: {free / 1e6:.1f} MB free, about {need / 1e6:.1f} MB"
+            cause += " needed"
+        return (f"checkpoint {final} could not be written ({cause}); its .tmp folder was removed "
+                "and the earlier checkpoints are intact: fix the cause, then --resume latest")
+    shutil.rmtree(final, ignore_errors=True)
+    os.rename(tmp, final)
+    keep = args.keep_checkpoints
+    for old in checkpoints(args.output_dir)[:-keep] if keep else []:
+        shutil.rmtree(old, ignore_errors=True)
+    log.info(f"checkpoint at step {step}")
+    return None
+
+
+def tensor_bytes(x):
+    """The bytes of the tensors in a state of nested dicts, lists and tuples."""
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return sum(tensor_bytes(v) for v in x)
+    return x.numel() * x.element_size() if torch.is_tensor(x) else 0
+
+
+def log_metrics(sums, n, seconds, step, nonfinite, loader, args, device, log, bar):
+    """One metrics line (metrics.jsonl, the log, the progress bar): each loss averaged over the last
+    n steps and over the ranks, the data counters summed over the ranks, it/s and peak memory."""
+    names, counts = sorted(sums), dict(sorted(loader.counts.items()))
+    avg = torch.stack([sums[k].float() for k in names]) / n
+    seen = torch.tensor([float(v) for v in counts.values()], device=device)
+    if dist.is_initialized():
+        dist.all_reduce(avg)
+        dist.all_reduce(seen)
+        avg /= dist.get_world_size()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # on a GPU, the GPU's
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+    phase = common.phase_of(step - 1, args.phase_steps)
+    losses = dict(zip(names, avg.tolist()))
+    record = dict(step=step, phase=phase, K=args.num_teacher_steps, **losses, it_per_s=n / seconds,
+                  peak_mem_gb=peak / 2 ** 30, nonfinite=nonfinite,
+                  data=dict(zip(counts, map(int, seen.tolist()))))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                      for k, v in record.items()))
+    bar.set_postfix(g=f"{record['loss_g']:.4f}", d=f"{record['disc']:.4f}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_flags(args)
+    check_args(args)
+    resume_from = find_resume(args)
+    rank, world_size, device, log = setup(args, argv)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed)  # the LoRA and the head start identical on every rank
 
     m = build(args, device)
-    if args.compile:  # regional: each repeated block compiled in place, so saved keys carry no prefix
-        blocks = [b for b in m.unet.modules() if type(b).__name__ in COMPILE_BLOCKS]
-        if not blocks:
-            raise common.UsageError(f"--compile: no {' or '.join(COMPILE_BLOCKS)} in this UNet; name its "
-                                    "repeated block classes in COMPILE_BLOCKS")
-        for block in blocks:
-            block.compile(dynamic=False)
-        # every compiled block shares one frame (Module._call_impl): room for each (class, shape, grad mode,
-        # LoRA on/off) graph, past which dynamo would silently fall back to eager
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
-    # DDP wraps only what trains: the student's calls (its LoRA gradients) and the discriminator head
-    ddp_kw = dict(device_ids=[device.index]) if device.type == "cuda" else {}
-    student = DDP(m.unet, **ddp_kw) if ddp else m.unet
-    disc = DDP(m.disc, **ddp_kw) if ddp else m.disc
-    lora = [p for p in m.unet.parameters() if p.requires_grad]
+    if args.compile:
+        compile_blocks(m.denoiser)
+    # DDP wraps only what trains: the student's calls (its LoRA gradients) and the head
+    ddp = dict(device_ids=[device.index] if device.type == "cuda" else None)
+    student = DDP(m.denoiser, **ddp) if world_size > 1 else m.denoiser
+    disc = DDP(m.disc, **ddp) if world_size > 1 else m.disc
+    lora = [p for p in m.denoiser.parameters() if p.requires_grad]
     fused = dict(fused=True) if device.type == "cuda" else {}
     opt_g = torch.optim.AdamW(lora, lr=args.lr, **fused)
     opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.lr_disc, **fused)
     log.info(f"LoRA {sum(p.numel() for p in lora) / 1e6:.2f}M + discriminator "
              f"{sum(p.numel() for p in m.disc.parameters()) / 1e6:.2f}M trainable parameters; "
              f"{world_size} process(es) on {device.type}")
-
-    step, nonfinite, state = 0, 0, None
-    for ckpt in resume_from:  # newest first: an unreadable one is named and the next newest tried
-        try:
-            state = torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu", weights_only=True)
-            break
-        except Exception as e:
-            log.info(f"--resume: {ckpt}/training_state.pt does not load ({type(e).__name__}: "
-                     f"{str(e).splitlines()[0] if str(e) else ''}); trying the next newest")
-    if resume_from and state is None:
-        raise common.RunError(f"--resume: no checkpoint loads ({', '.join(resume_from)}); start over with "
-                              "--overwrite, or give a readable checkpoint folder with --resume PATH")
-    if state is not None:  # the LoRA's shape and scale and the model must match; other flags may change
-        for flag in ("model", "lora_rank", "lora_alpha"):
-            if state["config"][flag] != getattr(args, flag):
-                raise common.UsageError(f"--resume: the checkpoint has --{flag} {state['config'][flag]}, this run "
-                                        f"{getattr(args, flag)}; resume with the same value")
-        set_peft_model_state_dict(m.unet, state["lora"])
-        m.disc.load_state_dict(state["disc"])
-        opt_g.load_state_dict(state["opt_g"])
-        opt_d.load_state_dict(state["opt_d"])
-        for opt, lr in ((opt_g, args.lr), (opt_d, args.lr_disc)):
-            for group in opt.param_groups:
-                group["lr"] = lr  # the command line wins over the saved learning rate
-        step, nonfinite = state["step"], state["nonfinite"]
-        saved = dict(state["config"], world_size=state["world_size"])
-        now = dict(vars(args), world_size=world_size)
-        saved["global_batch"], now["global_batch"] = saved["world_size"] * saved["batch_size"], world_size * args.batch_size
-        changed = {k: (saved.get(k), v) for k, v in now.items() if k not in ("resume", "overwrite") and saved.get(k) != v}
-        log.info(f"resumed from {ckpt} at step {step}; changed since (saved, now): {changed}")
+    step, nonfinite = 0, 0
+    if resume_from:
+        step, nonfinite = resume(resume_from, m, opt_g, opt_d, args, world_size, log)
     # each rank draws its own noise; a resumed run draws new noise and reads new samples
     torch.manual_seed(args.seed + rank + 100_003 * step)
-    total = sum(args.phase_steps) if args.max_steps is None else min(args.max_steps, sum(args.phase_steps))
-    loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers, args.min_aesthetic,
-                                seed=args.seed + 100_003 * step, rank=rank, world_size=world_size,
-                                aesthetic_key=args.aesthetic_key)
-
-    # SIGTERM (torchrun, SLURM) and Ctrl-C: finish the step, agree across ranks, checkpoint, stop
-    stop_requested = False
-
-    def on_signal(signum, frame):
-        nonlocal stop_requested
-        if stop_requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        stop_requested = True
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    total = min(args.max_steps or sum(args.phase_steps), sum(args.phase_steps))
+    loader = common.make_loader(args.shards, args.resolution, args.batch_size, args.num_workers,
+                                args.min_aesthetic, seed=args.seed + 100_003 * step, rank=rank,
+                                world_size=world_size, aesthetic_key=args.aesthetic_key,
+                                extra=m.extra)
     bar = tqdm(total=total, initial=step, disable=rank != 0, desc=NAME, dynamic_ncols=True)
     sums, n_sums, in_a_row, t_log = {}, 0, 0, time.time()
     data = iter(loader)
-    try:
-        with logging_redirect_tqdm(loggers=[log]):  # log lines above the progress bar
-            while step < total:
-                losses = train_step(m, student, disc, next(data), step, args)
-                # 7. one small all-reduce: did any rank see a non-finite loss, did any rank get a stop signal
-                flags = torch.stack([~(torch.isfinite(losses["loss_g"]) & torch.isfinite(losses["disc"])),
-                                     torch.tensor(stop_requested, device=device)]).float()
-                if ddp:
-                    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-                bad, stop = flags.tolist()  # the loop's one host sync: every rank takes the same branch
-                if bad:  # skip both updates
-                    nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
-                    log.info(f"step {step}: non-finite loss, update skipped ({in_a_row} in a row)")
-                    if in_a_row >= MAX_NONFINITE:
-                        found = checkpoints(args.output_dir)
-                        raise common.RunError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; " + (
-                            f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was written yet")
-                            + ". Try a lower --lr, --mixed_precision no, or check the data.")
-                else:
-                    opt_g.step()
-                    opt_d.step()
-                    step, in_a_row, n_sums = step + 1, 0, n_sums + 1
-                    sums = {name: sums.get(name, 0) + v for name, v in losses.items()}
-                    bar.update()
-                opt_g.zero_grad(set_to_none=True)
-                opt_d.zero_grad(set_to_none=True)
-                done = step == total
-                if not bad and (step % args.log_every == 0 or done):  # losses averaged over steps and ranks
-                    names, counts = sorted(sums), loader.counts
-                    avg = torch.stack([sums[k].float() for k in names]) / n_sums
-                    seen = torch.tensor([float(counts[k]) for k in sorted(counts)], device=device)
-                    if ddp:
-                        dist.all_reduce(avg)
-                        dist.all_reduce(seen)
-                    last = dict(zip(names, (avg / world_size).tolist()))
-                    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
-                    record = dict(step=step, phase=common.phase_of(step - 1, args.phase_steps), K=args.num_teacher_steps,
-                                  **last, it_per_s=n_sums / (time.time() - t_log), peak_mem_gb=peak, nonfinite=nonfinite,
-                                  data=dict(zip(sorted(counts), map(int, seen.tolist()))))
-                    if rank == 0:
-                        with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as f:
-                            f.write(json.dumps(record) + "\n")
-                    log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
-                    bar.set_postfix(g=f"{last['loss_g']:.4f}", d=f"{last['disc']:.4f}")
-                    sums, n_sums, t_log = {}, 0, time.time()
-                if not bad and (step % args.sample_every == 0 or done):
-                    if rank == 0:
-                        log.info(f"samples: {sample_grid(m, args, step)}")
-                    barrier()
-                if stop or not bad and (step % args.checkpoint_every == 0 or done):
-                    failed = None
-                    if rank == 0:  # written under a temporary name, read back, renamed when complete
-                        final = os.path.join(args.output_dir, "checkpoints", f"step_{step:06d}")
-                        state = dict(step=step, nonfinite=nonfinite, config=vars(args), world_size=world_size,
-                                     lora=get_peft_model_state_dict(m.unet), disc=m.disc.state_dict(),
-                                     opt_g=opt_g.state_dict(), opt_d=opt_d.state_dict())
-                        try:
-                            shutil.rmtree(final + ".tmp", ignore_errors=True)
-                            os.makedirs(final + ".tmp")
-                            torch.save(state, os.path.join(final + ".tmp", "training_state.pt"))
-                            export_lora(m.unet, final + ".tmp")
-                            torch.load(os.path.join(final + ".tmp", "training_state.pt"), mmap=True, weights_only=True)
-                        except Exception as e:
-                            shutil.rmtree(final + ".tmp", ignore_errors=True)
-                            failed = checkpoint_error(final, state, e)
-                        else:
-                            shutil.rmtree(final, ignore_errors=True)
-                            os.rename(final + ".tmp", final)
-                            keep = args.keep_checkpoints
-                            for old in checkpoints(args.output_dir)[:-keep] if keep else []:
-                                shutil.rmtree(old, ignore_errors=True)
-                            log.info(f"checkpoint at step {step}")
-                    flag = torch.tensor(float(failed is not None), device=device)
-                    if ddp:  # also the barrier after the write: every rank stops if rank 0's write failed
-                        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                    if flag.item():
-                        raise common.RunError(failed or "rank 0 could not write the checkpoint; its log says why")
-                if stop:
-                    log.info(f"stop requested: saved step {step}; continue with --resume latest")
-                    break
-            if step >= total:
+    with (stop_signals() as stop_requested, contextlib.closing(loader), bar,
+          logging_redirect_tqdm(loggers=[log])):  # log lines above the progress bar
+        while step < total:
+            losses = train_step(m, student, disc, next(data), step, args)
+            # 7. one all-reduce: a non-finite loss on any rank, a stop signal on any rank
+            finite = torch.isfinite(losses["loss_g"]) & torch.isfinite(losses["disc"])
+            bad, stop = any_rank(device, ~finite, stop_requested.is_set())
+            if bad:  # both updates skipped
+                nonfinite, in_a_row = nonfinite + 1, in_a_row + 1
+                log.info(f"step {step}: non-finite loss, update skipped ({in_a_row} in a row)")
+            else:
+                opt_g.step()
+                opt_d.step()
+                step, in_a_row, n_sums = step + 1, 0, n_sums + 1
+                sums = {name: sums.get(name, 0) + v for name, v in losses.items()}
+                bar.update()
+            opt_g.zero_grad(set_to_none=True)
+            opt_d.zero_grad(set_to_none=True)
+            if in_a_row >= MAX_NONFINITE:  # stop, naming the last good checkpoint
+                found = checkpoints(args.output_dir)
+                where = "no checkpoint was written yet"
+                if found:
+                    where = f"the last good checkpoint is {found[-1]}"
+                raise common.RunError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; "
+                                      f"{where}. Try a lower --lr, --mixed_precision no, or check "
+                                      "the data.")
+            done = step == total
+            if not bad and (step % args.log_every == 0 or done):
+                seconds = time.time() - t_log
+                log_metrics(sums, n_sums, seconds, step, nonfinite, loader, args, device, log, bar)
+                sums, n_sums, t_log = {}, 0, time.time()
+            if not bad and (step % args.sample_every == 0 or done):
                 if rank == 0:
-                    export_lora(m.unet, args.output_dir)
-                    log.info(f"done: LoRA in {args.output_dir}/pytorch_lora_weights.safetensors")
+                    log.info(f"samples: {sample_grid(m, args, step)}")
                 barrier()
-    finally:
-        loader.close()  # stop the data workers now, even if a traceback keeps this frame alive
-        bar.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        if ddp:
-            dist.destroy_process_group()
+            if stop or not bad and (step % args.checkpoint_every == 0 or done):
+                failed = None
+                if rank == 0:
+                    failed = save_checkpoint(m, opt_g, opt_d, args, step, nonfinite, world_size,
+                                             log)
+                if any_rank(device, failed is not None)[0]:  # also the barrier after the write
+                    raise common.RunError(failed or "rank 0 could not write the checkpoint")
+            if stop:
+                log.info(f"stop requested: saved step {step}; continue with --resume latest")
+                break
+    if step == total and rank == 0:
+        log.info(f"done: LoRA in {export_lora(m.denoiser, args.output_dir)}")
+    barrier()
+    if world_size > 1:
+        dist.destroy_process_group()
     return m, step
 
 
@@ -699,5 +827,5 @@ if __name__ == "__main__":
     try:
         main()
     except (common.UsageError, common.RunError) as e:
-        logging.getLogger(NAME).debug("stopped by:", exc_info=True)  # the traceback goes to log.txt only
+        logging.getLogger(NAME).debug("stopped by:", exc_info=True)  # the traceback: log.txt only
         raise SystemExit(f"{NAME}.py: error: {e}")

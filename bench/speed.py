@@ -73,19 +73,18 @@ def encode_pixart(mod, m, batch, args):
 @dataclass
 class Backbone:
     script: str  # module name of the script
-    denoiser: str  # attribute of the script's build() namespace that is the (LoRA-carrying) denoiser
     encode: Optional[Callable] = None  # (mod, m, batch, args) -> (cond, uncond); None: no reference pattern
     features: str = "mid_features"  # the script's function that gives the discriminator's input
     notes: list = field(default_factory=list)
 
 
 SPECS = {
-    "sd": Backbone("flash_sd", "unet", encode=encode_sd),
-    "sdxl": Backbone("flash_sdxl", "unet", encode=encode_sdxl),
-    "adapter": Backbone("flash_adapter", "unet", encode=encode_sdxl),
-    "pixart": Backbone("flash_pixart", "transformer", encode=encode_pixart, features="denoise",
+    "sd": Backbone("flash_sd", encode=encode_sd),
+    "sdxl": Backbone("flash_sdxl", encode=encode_sdxl),
+    "adapter": Backbone("flash_adapter", encode=encode_sdxl),
+    "pixart": Backbone("flash_pixart", encode=encode_pixart, features="denoise",
                        notes=["T5: width 4096, 2 of T5-XXL's 24 layers at --size real"]),
-    "sd3": Backbone("flash_sd3", "transformer", notes=[
+    "sd3": Backbone("flash_sd3", notes=[
         "T5 as in the script's default (off unless its flag turns it on)",
         "no reference pattern: it is written for epsilon prediction"]),
 }
@@ -139,9 +138,9 @@ def build_step(name, opts, device):
     params = sum(p.numel() for p in den.parameters())
     with models_from_memory(mod, parts):
         m = mod.build(args, device)
-    student = getattr(m, spec.denoiser)
+    student = m.denoiser  # the LoRA-carrying denoiser, under the same name in every script
     if args.compile:
-        compile_blocks(student, mod.COMPILE_BLOCKS)
+        mod.compile_blocks(student)  # the script's own regional compile
     fused = dict(fused=True) if device.type == "cuda" else {}
     m.start_probs = [torch.nn.functional.one_hot(torch.tensor(k), K).double()] * 4  # k in every phase
 
@@ -158,15 +157,6 @@ def build_step(name, opts, device):
                 k=k, K=K, params=params, student=student, disc=m.disc,
                 opt_g=torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=args.lr, **fused),
                 opt_d=torch.optim.AdamW(m.disc.parameters(), lr=args.lr_disc, **fused))
-
-
-def compile_blocks(model, block_types):
-    """--compile as the scripts do it: each repeated block compiled in place, with room for every graph."""
-    for block in model.modules():
-        if type(block).__name__ in block_types:
-            block.compile(dynamic=False)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
 
 
 def finite(*losses):
@@ -394,7 +384,7 @@ def run_backbone(name, opts, device, log, res, save):
     try:
         teacher = make_reference_teacher(b)
         if args.compile:  # compiled as ours is, so that the ratio is the pattern's
-            compile_blocks(teacher, mod.COMPILE_BLOCKS)
+            mod.compile_blocks(teacher)
         res["reference"] = measure(b, "reference", lambda: reference_step(b, teacher), opts, device)
         res["speedup"] = res["reference"]["sec_per_update"] / res["ours"]["sec_per_update"]
         res["memory_ratio"] = res["reference"]["peak_mem_gib"] / res["ours"]["peak_mem_gib"]

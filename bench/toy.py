@@ -228,7 +228,8 @@ def stage_teacher(args):
     with torch.no_grad():  # scale latents to unit variance, as SD's 0.18215 does
         z = torch.cat([vae.encode(next(data)[1]).latent_dist.mean for _ in range(8)])
         vae.register_to_config(scaling_factor=float(1 / z.std()))
-    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000)
+    ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                          steps_offset=1)  # as SD1.5 ships it (0 is deprecated by diffusers)
     abar = ddpm.alphas_cumprod.to(dev)
 
     def unet_step():
@@ -496,7 +497,7 @@ def parse_args(argv=None):
     if args.quick:
         args.data_size, args.num_shards, args.teacher_pool, args.teacher_batch = 256, 2, 512, 32
         args.vae_steps, args.unet_steps, args.judge_steps = 20, 20, 20
-        args.phase_steps, args.batch_size, args.eval_size = [2, 2, 2, 2], 4, 72
+        args.phase_steps, args.batch_size, args.eval_size = [1, 1, 1, 1], 4, 36
         args.work_dir = os.path.join(args.work_dir, "quick")  # never mixed with a full run's cache
     return args
 

@@ -39,7 +39,7 @@ class Toy:
         self.pipe.set_progress_bar_config(disable=True)
         cfg = self.pipe.scheduler.config
         self.lcm = LCMScheduler.from_config(cfg, timestep_spacing="trailing")
-        self.m = SimpleNamespace(unet=self.pipe.unet, teacher_sched=DPMSolverMultistepScheduler.from_config(
+        self.m = SimpleNamespace(denoiser=self.pipe.unet, teacher_sched=DPMSolverMultistepScheduler.from_config(
             cfg, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing", final_sigmas_type="zero"))
         self.abar = self.m.teacher_sched.alphas_cumprod.float()
         self.guidance = guidance

@@ -238,9 +238,9 @@ def test_distill_loss_lpips_sees_only_the_centre_crop(lpips_vgg):
     x_T = x_hat.clone()
     x_T[..., :3, :] += 1.0  # outside the centre 64x64 crop (rows 3..66)
     x_T[..., :, -3:] -= 1.0
-    assert float(common.distill_loss(x_hat, x_T, "lpips", _toy_decode, lpips_vgg)) == 0.0
+    assert common.distill_loss(x_hat, x_T, "lpips", _toy_decode, lpips_vgg).item() == 0.0
     x_T[..., 35, 35] += 1.0  # inside it
-    assert float(common.distill_loss(x_hat, x_T, "lpips", _toy_decode, lpips_vgg)) > 0
+    assert common.distill_loss(x_hat, x_T, "lpips", _toy_decode, lpips_vgg).item() > 0
 
 
 # ------------------------------------------------------------------------------------------------------

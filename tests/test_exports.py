@@ -45,7 +45,7 @@ def runs(request, shards, tmp_path_factory):
 
     def get(name):
         if name not in done:
-            fixture, extra, attr = SCRIPTS[name]
+            fixture, extra = SCRIPTS[name]
             model = request.getfixturevalue(fixture)
             mod = importlib.import_module(name)
             out = tmp_path_factory.mktemp(name) / "run"
@@ -53,7 +53,7 @@ def runs(request, shards, tmp_path_factory):
                 mp.setattr(mod, "sample_grid", lambda m, args, step: "(not drawn here)")
                 m, step = mod.main(train_argv(model, [e.format(model=model) for e in extra], shards, out))
             assert step == 1
-            done[name] = mod, model, out, getattr(m, attr)
+            done[name] = mod, model, out, m.denoiser
         return done[name]
     return get
 

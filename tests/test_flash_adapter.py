@@ -82,6 +82,15 @@ def test_bad_edge_maps_are_skipped_and_counted(tmp_path):
         next(iter(common.make_loader([none], 16, 2, num_workers=0, min_aesthetic=-1, extra=extra)))
 
 
+def test_configs_that_do_not_load_name_the_model_and_the_adapter(adapter_model, shards, tmp_path):
+    for model, adapter in [(adapter_model, str(tmp_path / "no-adapter")), (str(tmp_path), None)]:
+        a = argv(model, shards, tmp_path / "run")
+        a[a.index("--adapter") + 1] = adapter or os.path.join(adapter_model, "adapter")
+        with pytest.raises(common.UsageError, match="cannot read an SDXL layout") as e:
+            flash_adapter.check_args(flash_adapter.parse_args(a))
+        assert f"--model {model} / --adapter " in str(e.value)
+
+
 def cond_for(loaded, prompts, edges, scale):
     cond = flash_adapter.encode_text(loaded.tokenizers, loaded.text_encoders, prompts, 32, torch.device("cpu"))
     cond["adapter"] = flash_adapter.adapter_residuals(loaded.adapter, edges, scale)
@@ -93,7 +102,7 @@ def test_residuals_reach_the_teacher_solve_exactly_as_the_stock_adapter_pipeline
     adapter scale changes it."""
     from diffusers import StableDiffusionXLAdapterPipeline
     m = loaded
-    tokenizers, encoders, vae, unet, adapter, sched = (m.tokenizers, m.text_encoders, m.vae, m.unet, m.adapter,
+    tokenizers, encoders, vae, unet, adapter, sched = (m.tokenizers, m.text_encoders, m.vae, m.denoiser, m.adapter,
                                                        m.teacher_sched)
     prompts = ["a red square", "a blue circle"]
     torch.manual_seed(0)
@@ -116,7 +125,7 @@ def test_residuals_reach_the_teacher_solve_exactly_as_the_stock_adapter_pipeline
 
 
 def test_residuals_reach_the_student_and_the_features_including_the_mid_one(loaded):
-    unet = loaded.unet
+    unet = loaded.denoiser
     torch.manual_seed(1)
     edges, x, t = torch.rand(2, 1, 32, 32), torch.randn(2, 4, 16, 16), torch.tensor([10, 750])
     cond, off = cond_for(loaded, ["a", "b"], edges, 0.8), cond_for(loaded, ["a", "b"], edges, 0.0)
@@ -155,6 +164,7 @@ def test_end_to_end_run_and_the_lora_in_a_stock_adapter_pipeline(e2e, adapter_mo
     grid = Image.open(out / "samples" / "step_000004.png")
     assert grid.size == (5 * 128, 2 * 128 + 14)  # edges, teacher, student 1/2/4
     assert np.asarray(grid)[14:, :128].max() > 0  # the edge column is not empty
+    assert m.val_edges.shape == (2, 1, 32, 32) and m.extra.func is flash_adapter.edge_input
     assert sorted(os.listdir(out / "checkpoints")) == ["step_000002", "step_000004"]
     pipe = StableDiffusionXLAdapterPipeline.from_pretrained(adapter_model)
     pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
@@ -183,7 +193,7 @@ def test_resume_continues_from_the_saved_state(adapter_model, shards, tmp_path, 
 
     def spy(m, student, disc, batch, *a):  # what the resumed run's first step starts from
         if not first_seen:
-            first_seen.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.unet).items()},
+            first_seen.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.denoiser).items()},
                               disc={k: v.clone() for k, v in m.disc.state_dict().items()}, edges=batch["edges"].shape)
         return real_step(m, student, disc, batch, *a)
 

@@ -53,7 +53,7 @@ def test_lora_targets_and_published_size_on_the_real_architecture():
 
 
 def test_mask_and_epsilon_channels(loaded):
-    tokenizer, encoder, net = loaded.tokenizer, loaded.text_encoder, loaded.transformer
+    tokenizer, encoder, net = loaded.tokenizer, loaded.text_encoder, loaded.denoiser
     cond = flash_pixart.encode_text(tokenizer, encoder, ["a red square"], 32, torch.device("cpu"), sizes=False)
     n_real = int(cond["mask"].sum())
     assert cond["text"].shape[1] == 120 and 1 < n_real < 120
@@ -74,7 +74,7 @@ def test_mask_and_epsilon_channels(loaded):
 def test_teacher_solve_matches_the_stock_pipeline(loaded):
     from diffusers import PixArtAlphaPipeline
     m = loaded
-    tokenizer, encoder, vae, net, sched = m.tokenizer, m.text_encoder, m.vae, m.transformer, m.teacher_sched
+    tokenizer, encoder, vae, net, sched = m.tokenizer, m.text_encoder, m.vae, m.denoiser, m.teacher_sched
     assert not m.sizes and m.uncond["text"].shape == (1, 120, 32)  # the tiny model has no size conditioning
     prompts = ["a red square", "a blue circle"]
     cond = flash_pixart.encode_text(tokenizer, encoder, prompts, 32, torch.device("cpu"), sizes=False)
@@ -131,7 +131,7 @@ def test_end_to_end_and_the_adapter_folder_in_a_stock_pipeline(e2e, pixart_model
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([749])
     with torch.no_grad():  # the loaded adapter, scale alpha / r = 2 included, is exactly the trained student
         torch.testing.assert_close(flash_pixart.denoise(pipe.transformer, x, t, cond),
-                                   flash_pixart.denoise(m.transformer, x, t, cond), rtol=1e-5, atol=1e-5)
+                                   flash_pixart.denoise(m.denoiser, x, t, cond), rtol=1e-5, atol=1e-5)
 
 
 def test_resume_continues_from_the_saved_state(pixart_model, shards, tmp_path, monkeypatch):
@@ -146,7 +146,7 @@ def test_resume_continues_from_the_saved_state(pixart_model, shards, tmp_path, m
 
     def spy(m, *a):  # what the resumed run's first step starts from
         if not first_seen:
-            first_seen.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.transformer).items()},
+            first_seen.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.denoiser).items()},
                               disc={k: v.clone() for k, v in m.disc.state_dict().items()})
         return real_step(m, *a)
 

@@ -60,8 +60,7 @@ def test_unknown_flag_fails():
 
 
 @pytest.mark.parametrize("case, flag", [("shards", "--shards"), ("model", "--model"), ("resolution", "--resolution"),
-                                        ("output", "--output_dir"), ("guidance", "--guidance_min"),
-                                        ("lr", "--lr must be positive")])
+                                        ("output", "--output_dir"), ("guidance", "--guidance_min")])
 def test_bad_start_up_input_is_one_clear_error(sd_model, shards, tmp_path, case, flag):
     out = tmp_path / "run"
     a = argv(sd_model, shards, out)
@@ -76,14 +75,27 @@ def test_bad_start_up_input_is_one_clear_error(sd_model, shards, tmp_path, case,
         (out / "metrics.jsonl").write_text("{}\n")
     elif case == "guidance":
         a += ["--guidance_min", "9", "--guidance_max", "3"]
-    elif case == "lr":
-        a += ["--lr", "0"]
     with pytest.raises(common.UsageError) as e:
         flash_sd.main(a)
     msg = str(e.value)
     assert flag in msg and "\n" not in msg
     if case == "output":
         assert "--overwrite" in msg
+
+
+@pytest.mark.parametrize("flag, value, says", [
+    ("--lr", "0", "0: must be positive"), ("--batch_size", "-2", "-2: must be positive"),
+    ("--batch_size", "2.5", "invalid int value: '2.5'"), ("--num_workers", "-1", "-1: must not be negative"),
+    ("--backward_sim", "1.5", "1.5: a probability: between 0 and 1"),
+    ("--num_teacher_steps", "3", "3: K must be between 4 and 1000"),
+    ("--phase_steps", "-1", "-1: must not be negative")])
+def test_a_flag_out_of_range_is_refused_by_the_parser_on_one_last_line(sd_model, shards, tmp_path, capsys, flag,
+                                                                        value, says):
+    a = argv(sd_model, shards, tmp_path / "run", flag, value, *(["0", "0", "1"] if flag == "--phase_steps" else []))
+    with pytest.raises(SystemExit) as e:
+        flash_sd.main(a)
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(f" error: argument {flag}: {says}")
 
 
 def test_cli_prints_one_line_error(shards, tmp_path):
@@ -108,7 +120,7 @@ def loaded(sd_model, shards, tmp_path_factory):
 def test_teacher_is_the_base_model_and_the_lora_trains_the_student(loaded, sd_model):
     from diffusers import UNet2DConditionModel
     args, m = loaded
-    unet = m.unet
+    unet = m.denoiser
     base = UNet2DConditionModel.from_pretrained(sd_model, subfolder="unet")
     torch.manual_seed(0)
     x, t, c = torch.randn(2, 4, 16, 16), torch.tensor([999, 500]), torch.randn(2, 77, 32)
@@ -137,7 +149,7 @@ def test_teacher_is_the_base_model_and_the_lora_trains_the_student(loaded, sd_mo
 
 def test_mid_features_equal_the_mid_block_output_of_the_full_forward(loaded):
     args, m = loaded
-    unet = m.unet
+    unet = m.denoiser
     seen = []
     hook = unet.mid_block.register_forward_hook(lambda mod, i, o: seen.append(o))
     torch.manual_seed(1)
@@ -178,7 +190,7 @@ def test_teacher_solve_matches_the_stock_pipeline(loaded):
     """Our K-step CFG solve from pure noise is exactly StableDiffusionPipeline with DPM-Solver++ (trailing)."""
     from diffusers import StableDiffusionPipeline
     args, m = loaded
-    tok, te, vae, unet, sched = m.tokenizer, m.text_encoder, m.vae, m.unet, m.teacher_sched
+    tok, te, vae, unet, sched = m.tokenizer, m.text_encoder, m.vae, m.denoiser, m.teacher_sched
     cond = flash_sd.encode_text(tok, te, ["a red square", "a blue circle"], torch.device("cpu"))
     uncond = flash_sd.encode_text(tok, te, [""], torch.device("cpu")).expand(2, -1, -1)
     torch.manual_seed(0)
@@ -284,7 +296,7 @@ def test_final_lora_loads_into_a_stock_pipeline_and_changes_it(e2e_run, sd_model
     x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([749]), torch.randn(1, 77, 32)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=c).sample,
-                                   m.unet(x, t, encoder_hidden_states=c).sample, rtol=1e-5, atol=1e-5)
+                                   m.denoiser(x, t, encoder_hidden_states=c).sample, rtol=1e-5, atol=1e-5)
 
 
 def test_resume_continues_from_the_saved_state(sd_model, shards, tmp_path, monkeypatch):
@@ -307,7 +319,7 @@ def test_resume_continues_from_the_saved_state(sd_model, shards, tmp_path, monke
 
     def spy(m, *a):  # what the resumed run's first step starts from
         if not first_seen:
-            first_seen.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.unet).items()},
+            first_seen.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.denoiser).items()},
                               disc={k: v.clone() for k, v in m.disc.state_dict().items()})
         return real_step(m, *a)
 
@@ -347,27 +359,44 @@ def test_bf16_autocast_run(sd_model, shards, tmp_path):
                                  "0", "--distill_loss", "l2"))
     r = metrics(out)[-1]
     assert step == 1 and all(np.isfinite(r[k]) and r[k] > 0 for k in ("distill", "dmd", "adv", "disc"))
-    assert all(p.dtype == torch.float32 for p in m.unet.parameters() if p.requires_grad)
+    assert all(p.dtype == torch.float32 for p in m.denoiser.parameters() if p.requires_grad)
 
 
 @pytest.mark.skipif(os.environ.get("FLASH_SKIP_COMPILE") == "1", reason="FLASH_SKIP_COMPILE=1")
-def test_compile_compiles_the_blocks_in_place_and_matches_eager(sd_model, shards, tmp_path):
-    """--compile compiles every transformer block in place (no wrapper, so the saved keys are the eager
-    run's) and the step computes the same losses. Slow on CPU (the first step compiles), so one step."""
+def test_compile_compiles_the_blocks_in_place_and_matches_eager(sd_model, shards, tmp_path, monkeypatch):
+    """--compile compiles the repeated blocks in place (no wrapper, so the saved keys are the eager run's)
+    and a training step computes the same losses and LoRA gradients. Inductor compiles slowly on a CPU
+    (each block shape, grad mode and LoRA state is a graph), so one warm-up step through train_step, with
+    the transformer blocks compiled; which blocks the real COMPILE_BLOCKS selects is checked apart."""
     from peft.utils import get_peft_model_state_dict
-    runs = [flash_sd.main(argv(sd_model, shards, tmp_path / f"run{i}", *flag, "--phase_steps", "0", "1", "0", "0",
-                               "--distill_loss", "l2", "--validation_prompts", "a"))[0]
-            for i, flag in enumerate([[], ["--compile"]])]
-    blocks = [[b for b in r.unet.modules() if type(b).__name__ in flash_sd.COMPILE_BLOCKS] for r in runs]
-    assert sorted({type(b).__name__ for b in blocks[1]}) == sorted(flash_sd.COMPILE_BLOCKS)
-    assert len(blocks[1]) == len(blocks[0]) == 12  # the tiny UNet's 4 transformer and 8 ResNet blocks
-    assert all(b._compiled_call_impl is not None for b in blocks[1])
-    assert all(b._compiled_call_impl is None for b in blocks[0])
-    eager, compiled = (metrics(tmp_path / f"run{i}")[-1] for i in range(2))
-    for k in ("distill", "dmd", "adv", "disc"):
-        assert eager[k] > 0 and compiled[k] == pytest.approx(eager[k], rel=1e-3), k
-    a, b = (get_peft_model_state_dict(r.unet) for r in runs)
+    args = tiny_args(sd_model, shards, tmp_path, "--phase_steps", "1", "0", "0", "0", "--distill_loss", "l2")
+    batch = next(iter(common.make_loader(args.shards, 32, 2, num_workers=0, min_aesthetic=-1)))
+    eager = flash_sd.build(args, torch.device("cpu"))
+    selected = [b for b in eager.denoiser.modules() if type(b).__name__ in flash_sd.COMPILE_BLOCKS]
+    assert len(selected) == 12  # the tiny UNet's 4 transformer and 8 ResNet blocks
+    monkeypatch.setattr(flash_sd, "COMPILE_BLOCKS", ("BasicTransformerBlock",))
+    steps = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        m = flash_sd.build(args, torch.device("cpu"))
+        if compiled:
+            flash_sd.compile_blocks(m.denoiser)
+        torch.manual_seed(1)
+        losses = flash_sd.train_step(m, m.denoiser, m.disc, batch, 0, args)
+        grads = {n: p.grad.clone() for n, p in m.denoiser.named_parameters() if p.requires_grad}
+        steps.append((m, losses, grads))
+    (eager, l_eager, g_eager), (comp, l_comp, g_comp) = steps
+    blocks = [b for b in comp.denoiser.modules() if type(b).__name__ == "BasicTransformerBlock"]
+    assert len(blocks) == 4 and all(b._compiled_call_impl is not None for b in blocks)
+    assert all(b._compiled_call_impl is None for b in eager.denoiser.modules())
+    for k in ("distill", "disc"):
+        assert l_eager[k] > 0 and float(l_comp[k]) == pytest.approx(float(l_eager[k]), rel=1e-3), k
+    assert g_eager.keys() == g_comp.keys() and max(g.abs().max() for g in g_eager.values()) > 0
+    assert all(torch.allclose(g_eager[n], g_comp[n], rtol=1e-3, atol=1e-6) for n in g_eager)
+    a, b = (get_peft_model_state_dict(r.denoiser) for r in (eager, comp))
     assert sorted(a) == sorted(b) and not any("_orig_mod" in k for k in b)
+    with pytest.raises(common.UsageError, match="--compile: no BasicTransformerBlock in this model"):
+        flash_sd.compile_blocks(torch.nn.Linear(2, 2))
 
 
 def test_gradient_checkpointing_gives_the_same_update(sd_model, shards, tmp_path):
@@ -379,9 +408,9 @@ def test_gradient_checkpointing_gives_the_same_update(sd_model, shards, tmp_path
                                "--distill_loss", "lpips", "--lr", "1e-2", "--lr_disc", "1e-2", "--adv_weights", "0", "1",
                                "0", "0", "--validation_prompts", "a"))[0]
             for i, flag in enumerate([[], ["--gradient_checkpointing"]])]
-    assert runs[1].unet.is_gradient_checkpointing and not runs[0].unet.is_gradient_checkpointing
+    assert runs[1].denoiser.is_gradient_checkpointing and not runs[0].denoiser.is_gradient_checkpointing
     assert runs[1].vae.decoder.gradient_checkpointing and not runs[0].vae.decoder.gradient_checkpointing
-    a, b = (get_peft_model_state_dict(r.unet) for r in runs)
+    a, b = (get_peft_model_state_dict(r.denoiser) for r in runs)
     assert max(a[k].abs().max() for k in a if "lora_B" in k) > 1e-3  # B starts at zero: the update moved it
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 

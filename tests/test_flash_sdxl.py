@@ -68,7 +68,7 @@ def test_conditioning_and_the_zeroed_unconditional_input(loaded):
 
 
 def test_mid_features_include_the_added_conditioning(loaded):
-    tokenizers, encoders, unet = loaded.tokenizers, loaded.text_encoders, loaded.unet
+    tokenizers, encoders, unet = loaded.tokenizers, loaded.text_encoders, loaded.denoiser
     cond = flash_sdxl.encode_text(tokenizers, encoders, ["a", "b"], 32, torch.device("cpu"))
     seen = []
     hook = unet.mid_block.register_forward_hook(lambda mod, i, o: seen.append(o))
@@ -88,7 +88,7 @@ def test_teacher_solve_matches_the_stock_sdxl_pipeline(loaded):
     with DPM-Solver++ (trailing) and no negative prompt."""
     from diffusers import StableDiffusionXLPipeline
     m = loaded
-    tokenizers, encoders, vae, unet, sched = m.tokenizers, m.text_encoders, m.vae, m.unet, m.teacher_sched
+    tokenizers, encoders, vae, unet, sched = m.tokenizers, m.text_encoders, m.vae, m.denoiser, m.teacher_sched
     prompts = ["a red square", "a blue circle"]
     cond = flash_sdxl.encode_text(tokenizers, encoders, prompts, 32, torch.device("cpu"))
     torch.manual_seed(0)
@@ -151,7 +151,7 @@ def test_lora_loads_into_a_stock_sdxl_pipeline(e2e, sdxl_model):
     torch.manual_seed(0)
     x, t = torch.randn(1, 4, 16, 16), torch.tensor([749])
     with torch.no_grad():  # the loaded LoRA, scale alpha / r = 2 included, is exactly the trained student
-        torch.testing.assert_close(flash_sdxl.denoise(pipe.unet, x, t, cond), flash_sdxl.denoise(m.unet, x, t, cond),
+        torch.testing.assert_close(flash_sdxl.denoise(pipe.unet, x, t, cond), flash_sdxl.denoise(m.denoiser, x, t, cond),
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -167,7 +167,7 @@ def test_resume_continues_from_the_saved_state(sdxl_model, shards, tmp_path, mon
 
     def spy(m, *a):  # what the resumed run's first step starts from
         if not first_seen:
-            first_seen.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.unet).items()},
+            first_seen.update(lora={k: v.clone() for k, v in get_peft_model_state_dict(m.denoiser).items()},
                               disc={k: v.clone() for k, v in m.disc.state_dict().items()})
         return real_step(m, *a)
 

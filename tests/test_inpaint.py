@@ -138,11 +138,11 @@ def test_teacher_solve_matches_the_stock_inpainting_pipeline(inpaint, inpaint_mo
     x_t = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(3))
     m.teacher_sched.set_timesteps(4)
     ours = inpaint.teacher_solve(m, x_t, 0, cond, uncond, 5.0)
-    pipe = StableDiffusionInpaintPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+    pipe = StableDiffusionInpaintPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.denoiser,
                                           scheduler=m.teacher_sched, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    with inpaint.teacher_mode(m.unet):
+    with inpaint.teacher_mode(m.denoiser):
         stock = pipe(prompts, image=images, mask_image=masks, latents=x_t, num_inference_steps=4, guidance_scale=5.0,
                      generator=torch.Generator().manual_seed(2), height=32, width=32, output_type="latent").images
     torch.testing.assert_close(ours, stock.float(), rtol=1e-4, atol=1e-4)
@@ -163,7 +163,7 @@ def test_every_teacher_call_in_a_training_step_sees_the_mask_and_only_the_text_i
     mask = torch.zeros(2, 1, 32, 32)
     mask[0, :, 4:20, 8:30], mask[1] = 1, 1
     batch = dict(pixel_values=torch.rand(2, 3, 32, 32) * 2 - 1, text=["a red square", "a blue circle"], mask=mask)
-    losses = inpaint.train_step(m, m.unet, m.disc, batch, 1, args)  # phase 1: distillation, DMD and GAN
+    losses = inpaint.train_step(m, m.denoiser, m.disc, batch, 1, args)  # phase 1: distillation, DMD and GAN
     assert all(torch.isfinite(v).all() for v in losses.values()) and losses["dmd"] > 0
     (cond, uncond), = seen
     assert torch.equal(cond[1], uncond[1])  # the unconditional half keeps the mask and the masked image
@@ -226,4 +226,4 @@ def test_the_exported_lora_loads_into_the_stock_inpainting_pipeline_as_the_stude
     x, t, c = torch.randn(1, 9, 16, 16), torch.tensor([749]), torch.randn(1, 77, 32)
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=c).sample,
-                                   m.unet(x, t, encoder_hidden_states=c).sample, rtol=1e-5, atol=1e-5)
+                                   m.denoiser(x, t, encoder_hidden_states=c).sample, rtol=1e-5, atol=1e-5)

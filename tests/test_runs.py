@@ -1,10 +1,12 @@
-"""Run plumbing, on each of the five scripts: every script writes out its own process group, DDP wrap,
-checkpoints, resume and signal handling, so each one is tested here, on its tiny model, through main(argv)
-or as real torchrun processes."""
+"""Run plumbing: every script writes out its own process group, DDP wrap, checkpoints, resume and signal
+handling, as the same text (tests/test_plumbing.py holds it so). Its behaviours are tested here once, on
+flash_sd.py, through main(argv) or as real torchrun processes; what differs per backbone (two ranks ending
+with the same weights, the command line's one-line errors) is tested on every script, sharing launches."""
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,10 +18,23 @@ import torch
 from conftest import ROOT, SCRIPTS, good_samples, load_state, metrics, write_shard
 
 import common
+import flash_sd
 
 
-def test_checkpoint_folders_are_ordered_by_step_and_skip_interrupted_writes(script, tmp_path):
-    mod, _ = script
+@pytest.fixture
+def sd(sd_model):
+    """(flash_sd, argv builder) on the tiny SD1.5 model: the plumbing is the same text in every script."""
+    def argv(shards, out, *more):
+        return ["--model", sd_model, "--shards", *shards, "--output_dir", str(out), "--resolution", "32",
+                "--batch_size", "2", "--phase_steps", "1", "1", "1", "1", "--num_teacher_steps", "4",
+                "--mixed_precision", "no", "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "8",
+                "--distill_loss", "l2", "--log_every", "1", "--sample_every", "100", "--checkpoint_every", "100",
+                "--validation_prompts", "a red square", *more]
+    return flash_sd, argv
+
+
+def test_checkpoint_folders_are_ordered_by_step_and_skip_interrupted_writes(sd, tmp_path):
+    mod, _ = sd
     root = tmp_path / "checkpoints"
     for name in ("step_999999", "step_1000000", "step_000002", "step_1000001.tmp", "step_000003"):
         (root / name).mkdir(parents=True)
@@ -40,50 +55,50 @@ def mount_tmpfs(path, options):
         pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
 
 
-def test_output_dir_and_resume_are_checked_at_start_up(script, shards, tmp_path):
-    mod, argv = script
+def test_output_dir_and_resume_are_checked_at_start_up(sd, shards, tmp_path):
+    mod, argv = sd
     out = tmp_path / "run"
-    assert mod.check_args(mod.parse_args(argv(shards, out))) == []  # a new folder: a new run
-    for flags, says in ((["--resume", "latest"], "no checkpoint"),
-                        (["--resume", str(tmp_path)], "no training_state.pt"),
-                        (["--validation_prompts", "a cat", " "], "--validation_prompts: an empty prompt"),
-                        (["--model", "nobody/no-such-model"], "not a local folder, and the Hugging Face Hub")):
+    assert mod.find_resume(mod.parse_args(argv(shards, out))) == []  # a new folder: a new run
+    for check, flags, says in ((mod.find_resume, ["--resume", "latest"], "no checkpoint"),
+                               (mod.find_resume, ["--resume", str(tmp_path)], "no training_state.pt"),
+                               (mod.check_flags, ["--validation_prompts", "a cat", " "], "an empty prompt"),
+                               (mod.check_args, ["--model", "nobody/no-model"], "not a local folder, and the Hug")):
         with pytest.raises(common.UsageError, match=says) as e:
-            mod.check_args(mod.parse_args(argv(shards, out, *flags)))
+            check(mod.parse_args(argv(shards, out, *flags)))
         assert "\n" not in str(e.value)
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(common.UsageError, match="a file, not a folder"):
-        mod.check_args(mod.parse_args(argv(shards, tmp_path / "a_file")))
+        mod.find_resume(mod.parse_args(argv(shards, tmp_path / "a_file")))
     # a start that failed before its first checkpoint leaves an empty checkpoints/: a new start is fine there
     (out / "checkpoints").mkdir(parents=True)
-    assert mod.check_args(mod.parse_args(argv(shards, out))) == []
+    assert mod.find_resume(mod.parse_args(argv(shards, out))) == []
     (out / "metrics.jsonl").write_text("{}\n")  # metrics but no checkpoint: nothing to resume, so say --overwrite
     with pytest.raises(common.UsageError, match="wrote no checkpoint") as e:
-        mod.check_args(mod.parse_args(argv(shards, out)))
+        mod.find_resume(mod.parse_args(argv(shards, out)))
     assert "--overwrite" in str(e.value) and "--resume" not in str(e.value)
-    assert mod.check_args(mod.parse_args(argv(shards, out, "--overwrite"))) == []
+    assert mod.find_resume(mod.parse_args(argv(shards, out, "--overwrite"))) == []
     for name in ("step_000007", "step_000012"):
         (out / "checkpoints" / name).mkdir()
         (out / "checkpoints" / name / "training_state.pt").write_bytes(b"")
     with pytest.raises(common.UsageError, match="--resume latest"):
-        mod.check_args(mod.parse_args(argv(shards, out)))
-    assert mod.check_args(mod.parse_args(argv(shards, out, "--resume", "latest"))) == [
+        mod.find_resume(mod.parse_args(argv(shards, out)))
+    assert mod.find_resume(mod.parse_args(argv(shards, out, "--resume", "latest"))) == [
         str(out / "checkpoints" / "step_000012"), str(out / "checkpoints" / "step_000007")]  # newest first
 
 
-def test_a_read_only_output_dir_is_one_clear_error(script, shards, tmp_path):
-    mod, argv = script
+def test_a_read_only_output_dir_is_one_clear_error(sd, shards, tmp_path):
+    mod, argv = sd
     mount_tmpfs(tmp_path / "ro", "ro,size=1m")
     try:
         with pytest.raises(common.UsageError, match="cannot write there .Read-only file system.") as e:
-            mod.check_args(mod.parse_args(argv(shards, tmp_path / "ro" / "run")))
+            mod.find_resume(mod.parse_args(argv(shards, tmp_path / "ro" / "run")))
         assert "\n" not in str(e.value)
     finally:
         subprocess.run(["umount", str(tmp_path / "ro")])
 
 
-def test_resume_refuses_another_lora_or_model_and_falls_back_past_an_unreadable_checkpoint(script, shards, tmp_path):
-    mod, argv = script
+def test_resume_refuses_another_lora_or_model_and_falls_back_past_an_unreadable_checkpoint(sd, shards, tmp_path):
+    mod, argv = sd
     out = tmp_path / "run"
     flags = ["--phase_steps", "1", "1", "1", "0", "--checkpoint_every", "1", "--keep_checkpoints", "0"]
     _, step = mod.main(argv(shards, out, *flags, "--max_steps", "2"))
@@ -113,10 +128,22 @@ def test_resume_refuses_another_lora_or_model_and_falls_back_past_an_unreadable_
     (out / "checkpoints" / "step_000003" / "training_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(common.RunError, match="no checkpoint loads"):
         mod.main(argv(shards, out, *flags, "--resume", "latest"))
+    # written by an earlier version, without world_size and nonfinite: it resumes, the world size unknown
+    old = {k: v for k, v in state.items() if k not in ("world_size", "nonfinite")}
+    torch.save(old, out / "checkpoints" / "step_000003" / "training_state.pt")
+    _, step = mod.main(argv(shards, out, *flags, "--resume", "latest", "--phase_steps", "1", "1", "1", "1"))
+    assert step == 4 and "'world_size': (None, 1)" in open(out / "log.txt").read()
+    assert load_state(out / "checkpoints" / "step_000004")["nonfinite"] == 0
+    # without the head's weights: one line that names what is missing and what to do
+    torch.save({k: v for k, v in old.items() if k != "disc"}, out / "checkpoints" / "step_000004" / "training_state.pt")
+    with pytest.raises(common.RunError) as e:
+        mod.main(argv(shards, out, *flags, "--resume", "latest", "--phase_steps", "1", "1", "1", "2"))
+    assert "step_000004 has no disc: not a checkpoint of flash_sd.py" in str(e.value) and "\n" not in str(e.value)
+    assert "--overwrite" in str(e.value)
 
 
-def test_a_full_disk_while_checkpointing_stops_cleanly_and_keeps_the_checkpoints(script, shards, tmp_path):
-    mod, argv = script
+def test_a_full_disk_while_checkpointing_stops_cleanly_and_keeps_the_checkpoints(sd, shards, tmp_path):
+    mod, argv = sd
     out = tmp_path / "run"
     ckpts = out / "checkpoints"
     mount_tmpfs(ckpts, "size=256m")
@@ -136,8 +163,8 @@ def test_a_full_disk_while_checkpointing_stops_cleanly_and_keeps_the_checkpoints
         subprocess.run(["umount", str(ckpts)])
 
 
-def test_nonfinite_losses_skip_updates_then_stop_keeping_the_checkpoint(script, shards, tmp_path):
-    mod, argv = script
+def test_nonfinite_losses_skip_updates_then_stop_keeping_the_checkpoint(sd, shards, tmp_path):
+    mod, argv = sd
     out = tmp_path / "run"  # an absurd learning rate blows the LoRA up after the first update
     with pytest.raises(common.RunError, match="non-finite losses in a row") as e:
         mod.main(argv(shards, out, "--lr", "1e30", "--lr_disc", "1e30", "--phase_steps", "0", "20", "0", "0",
@@ -169,7 +196,7 @@ DRIVER = textwrap.dedent("""
         return real_step(m, student, disc, batch, *a)
     mod.train_step = spy
     m, step = mod.main(sys.argv[3:])
-    torch.save(dict(step=step, seen=seen, lora=get_peft_model_state_dict(getattr(m, {denoiser!r})),
+    torch.save(dict(step=step, seen=seen, lora=get_peft_model_state_dict(m.denoiser),
                     disc=m.disc.state_dict()), os.path.join(out, f"rank{{rank}}.pt"))
 """)
 
@@ -197,23 +224,23 @@ def _is_rank1_of(pid, driver):
     return driver.encode() in cmdline and cmdline[0] != b"" and b"RANK=1" in env and b"-m" not in cmdline[1:2]
 
 
-def _driver(script, tmp_path):
-    mod, _ = script
+def _driver(sd, tmp_path):
+    mod, _ = sd
     out = tmp_path / "run"
     out.mkdir()
     driver = tmp_path / "driver.py"
-    driver.write_text(DRIVER.format(root=ROOT, denoiser=SCRIPTS[mod.__name__][2]))
+    driver.write_text(DRIVER.format(root=ROOT))
     return mod, out, driver
 
 
-def test_torchrun_two_processes_stop_together_on_a_signal_to_one_rank(script, shards, tmp_path):
+def test_torchrun_two_processes_stop_together_on_a_signal_to_one_rank(sd, shards, tmp_path):
     """DDP on gloo: ranks read different samples, weights stay identical, SIGINT on rank 1 alone stops both
     after one checkpoint."""
-    mod, out, driver = _driver(script, tmp_path)
+    mod, out, driver = _driver(sd, tmp_path)
     more = [write_shard(tmp_path / f"more{i}.tar", good_samples(8, np.random.default_rng(10 + i), f"m{i}-"))
             for i in range(2)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
-           mod.__name__, str(out), *script[1](shards + more, out, "--phase_steps", "0", "500", "0", "0",
+           mod.__name__, str(out), *sd[1](shards + more, out, "--phase_steps", "0", "500", "0", "0",
                                               "--lr", "3e-3", "--lr_disc", "3e-3", "--overwrite")]
     proc = start(cmd, out)
     try:
@@ -239,11 +266,11 @@ def test_torchrun_two_processes_stop_together_on_a_signal_to_one_rank(script, sh
     assert not (out / "pytorch_lora_weights.safetensors").exists()  # stopped early: no final export
 
 
-def test_sigterm_to_the_process_group_checkpoints_and_stops(script, shards, tmp_path):
+def test_sigterm_to_the_process_group_checkpoints_and_stops(sd, shards, tmp_path):
     """As SLURM or a terminal does: the signal reaches the data workers too; they must not die first."""
-    mod, out, driver = _driver(script, tmp_path)
+    mod, out, driver = _driver(sd, tmp_path)
     proc = start([sys.executable, str(driver), mod.__name__, str(out),
-                  *script[1](shards, out, "--phase_steps", "500", "0", "0", "0", "--overwrite", "--num_workers", "2")],
+                  *sd[1](shards, out, "--phase_steps", "500", "0", "0", "0", "--overwrite", "--num_workers", "2")],
                  out)
     try:
         wait_for(out / "ready0", proc)
@@ -256,6 +283,68 @@ def test_sigterm_to_the_process_group_checkpoints_and_stops(script, shards, tmp_
     assert os.listdir(out / "checkpoints") == [f"step_{r0['step']:06d}"]
     assert "continue with --resume latest" in open(out / "log.txt").read()
     assert not (out / "pytorch_lora_weights.safetensors").exists()
+
+
+EVERY_DRIVER = textwrap.dedent("""
+    import importlib, json, os, sys, torch
+    sys.path.insert(0, {root!r})
+    from peft.utils import get_peft_model_state_dict
+    rank = int(os.environ["RANK"])
+    for name, (port, argv) in json.loads(sys.argv[1]).items():  # every backbone in turn, in the same two processes
+        os.environ.update(MASTER_PORT=str(port), TORCHELASTIC_USE_AGENT_STORE="False")  # a fresh store each time
+        mod = importlib.import_module(name)
+        seen, real_step = [], mod.train_step
+        def spy(m, student, disc, batch, *a, seen=seen, real_step=real_step):
+            seen.append(list(batch["text"]))
+            return real_step(m, student, disc, batch, *a)
+        mod.train_step = spy
+        m, step = mod.main(argv)
+        t5 = m.uncond["text"][:, 77:].abs().max() if name == "flash_sd3" else None
+        torch.save(dict(step=step, seen=seen, lora=get_peft_model_state_dict(m.denoiser), disc=m.disc.state_dict(), t5=t5),
+                   os.path.join(argv[argv.index("--output_dir") + 1], f"rank{{rank}}.pt"))
+""")
+
+
+@pytest.fixture(scope="module")
+def every_backbone_on_two_ranks(request, shards, tmp_path_factory):
+    """One torchrun launch: two gloo ranks train each backbone for two updates of phase 1 (every loss on),
+    on more shards than ranks so that the ranks read different samples; SD3 with T5."""
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    more = [write_shard(tmp / f"more{i}.tar", good_samples(8, np.random.default_rng(10 + i), f"m{i}-")) for i in range(2)]
+    runs = {}
+    for name, (fixture, extra) in SCRIPTS.items():
+        model = request.getfixturevalue(fixture)
+        with socket.socket() as sock:  # a free port for this script's process group
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        runs[name] = port, ["--model", model, *(e.format(model=model) for e in extra), "--shards", *shards, *more,
+                      "--output_dir", str(tmp / name), "--resolution", "32", "--batch_size", "2",
+                      "--phase_steps", "0", "2", "0", "0", "--num_teacher_steps", "4", "--mixed_precision", "no",
+                      "--num_workers", "1", "--lora_rank", "4", "--lora_alpha", "8", "--distill_loss", "l2",
+                      "--lr", "3e-3", "--lr_disc", "3e-3", "--sample_every", "100", "--checkpoint_every", "100",
+                      "--validation_prompts", "a red square", *(["--use_t5"] if name == "flash_sd3" else [])]
+    driver = tmp / "driver.py"
+    driver.write_text(EVERY_DRIVER.format(root=ROOT))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(driver),
+                        json.dumps(runs)], capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=ROOT))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return {name: [torch.load(tmp / name / f"rank{i}.pt", weights_only=True) for i in (0, 1)] + [tmp / name]
+            for name in SCRIPTS}
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_two_ranks_read_different_samples_and_end_with_the_same_weights(every_backbone_on_two_ranks, name):
+    r0, r1, out = every_backbone_on_two_ranks[name]
+    assert r0["step"] == r1["step"] == 2
+    assert all(torch.equal(r0["lora"][k], r1["lora"][k]) for k in r0["lora"])
+    assert all(torch.equal(r0["disc"][k], r1["disc"][k]) for k in r0["disc"])
+    assert max(r0["lora"][k].abs().max() for k in r0["lora"] if "lora_B" in k) > 1e-4  # it trained
+    assert {t for b in r0["seen"] for t in b} != {t for b in r1["seen"] for t in b}
+    assert "2 process(es)" in open(out / "log.txt").read()
+    assert (out / "pytorch_lora_weights.safetensors").exists() or (out / "adapter_model.safetensors").exists()
+    if name == "flash_sd3":  # T5 states, not zeros, in the conditioning, the same on both ranks
+        assert r0["t5"] > 0.1 and torch.equal(r0["t5"], r1["t5"])
 
 
 CLI_DRIVER = textwrap.dedent("""
@@ -283,7 +372,7 @@ def test_failures_end_with_one_line_naming_the_cause_and_the_traceback_goes_to_t
     """Each script's command line, run as `python flash_x.py`: a pipe: shard command that fails stops with one
     line (its SystemExit message), and the traceback is in log.txt instead; all five scripts in one process."""
     runs = {}
-    for name, (fixture, extra, _) in SCRIPTS.items():
+    for name, (fixture, extra) in SCRIPTS.items():
         model = request.getfixturevalue(fixture)
         runs[name] = ["--model", model, *(e.format(model=model) for e in extra), "--shards", "pipe:false",
                       "--output_dir", str(tmp_path / name), "--resolution", "32", "--batch_size", "2",
