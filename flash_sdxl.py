@@ -93,23 +93,17 @@ def parse_args(argv=None):
     a = p.add_argument
     # data and model
     a("--model", default=MODEL, help="hub id or local diffusers folder")
-    a("--shards", nargs="+", required=True,
-      help="webdataset tar shards: brace patterns, globs or pipe: URLs")
-    a("--output_dir", default=f"runs/{NAME}",
-      help="metrics, samples, checkpoints and the final LoRA")
-    a("--resolution", type=positive_int, default=RESOLUTION,
-      help="training resolution (square; short side resized, centre crop)")
-    a("--batch_size", type=positive_int, default=BATCH_SIZE,
-      help="images per GPU per generator update")
-    a("--min_aesthetic", type=float, default=MIN_AESTHETIC,
-      help="keep samples with json aesthetic_score >= this; <0: off")
+    a("--shards", nargs="+", required=True, help="webdataset shards: braces, globs, pipe: URLs")
+    a("--output_dir", default=f"runs/{NAME}", help="metrics, samples, checkpoints, the LoRA")
+    a("--resolution", type=positive_int, default=RESOLUTION, help="training size (square crop)")
+    a("--batch_size", type=positive_int, default=BATCH_SIZE, help="images per GPU per update")
+    a("--min_aesthetic", type=float, default=MIN_AESTHETIC, help="keep scores >= this; <0: off")
     a("--aesthetic_key", default="aesthetic_score", help="json key that --min_aesthetic reads")
     a("--num_workers", type=non_negative_int, default=4, help="data loading processes per GPU")
     # schedule: 4 phases (paper section 3.2)
     a("--phase_steps", type=non_negative_int, nargs=4, default=PHASE_STEPS,
       help="generator updates per phase")
-    a("--max_steps", type=positive_int, default=None,
-      help="stop after this many updates (none: the sum of the phases)")
+    a("--max_steps", type=positive_int, default=None, help="stop here (none: the phases' sum)")
     a("--num_teacher_steps", type=teacher_steps, default=NUM_TEACHER_STEPS,
       help="K: DPM-Solver++ steps of the teacher's full solve (4 to 1000)")
     a("--timestep_distribution", default="mixture", choices=["mixture", "uniform", "gaussian"],
@@ -117,20 +111,16 @@ def parse_args(argv=None):
     a("--backward_sim", type=probability, default=0.0,
       help="probability that x_t for k > 0 comes from the student's own 4-step sampler (detached), "
       "not from data (DMD2's backward simulation; 0: the paper's recipe)")
-    a("--guidance_min", type=float, default=GUIDANCE[0],
-      help="teacher CFG scale w ~ U[min, max], one per batch")
+    a("--guidance_min", type=float, default=GUIDANCE[0], help="CFG w ~ U[min, max], one per batch")
     a("--guidance_max", type=float, default=GUIDANCE[1], help="see --guidance_min")
     # losses
-    a("--distill_loss", default="lpips", choices=["lpips", "l2", "l1"],
-      help="student vs teacher output")
+    a("--distill_loss", default="lpips", choices=["lpips", "l2", "l1"], help="student vs teacher")
     a("--distill_weights", type=float, nargs=4, default=DISTILL_WEIGHTS,
       help="lambda_dist per phase")
     a("--dmd_weights", type=float, nargs=4, default=DMD_WEIGHTS, help="lambda_dmd per phase")
     a("--adv_weights", type=float, nargs=4, default=ADV_WEIGHTS, help="lambda_adv per phase")
-    a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"],
-      help="adversarial loss")
-    a("--teacher_as_real", action="store_true",
-      help="discriminator's real samples: teacher outputs, not data")
+    a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"], help="GAN loss")
+    a("--teacher_as_real", action="store_true", help="D's real samples: teacher outputs, not data")
     # optimisation
     a("--lr", type=positive_float, default=LR, help="AdamW learning rate of the LoRA (constant)")
     a("--lr_disc", type=positive_float, default=LR,
@@ -145,12 +135,10 @@ def parse_args(argv=None):
       help="trade compute for memory (advised under 40 GB)")
     a("--seed", type=int, default=0, help="global seed; rank r uses seed + r")
     # outputs
-    a("--log_every", type=positive_int, default=50,
-      help="updates between metrics lines (losses all-reduced)")
+    a("--log_every", type=positive_int, default=50, help="updates between metrics lines")
     a("--sample_every", type=positive_int, default=1000, help="updates between validation grids")
     a("--checkpoint_every", type=positive_int, default=1000, help="updates between checkpoints")
-    a("--keep_checkpoints", type=non_negative_int, default=3,
-      help="newest checkpoints kept (0: keep all)")
+    a("--keep_checkpoints", type=non_negative_int, default=3, help="newest kept (0: all)")
     a("--resume", default=None, help="'latest' or a checkpoints/step_NNNNNN folder")
     a("--overwrite", action="store_true", help="start a new run in an output_dir that holds one")
     a("--validation_prompts", nargs="+", default=DEFAULT_PROMPTS, help="the sample grids' prompts")

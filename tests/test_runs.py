@@ -2,6 +2,7 @@
 handling, as the same text (tests/test_plumbing.py holds it so). Its behaviours are tested here once, on
 flash_sd.py, through main(argv) or as real torchrun processes; what differs per backbone (two ranks ending
 with the same weights, the command line's one-line errors) is tested on every script, sharing launches."""
+import importlib
 import json
 import os
 import shutil
@@ -285,6 +286,21 @@ def test_sigterm_to_the_process_group_checkpoints_and_stops(sd, shards, tmp_path
     assert not (out / "pytorch_lora_weights.safetensors").exists()
 
 
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_each_script_names_a_model_it_cannot_read_in_one_line(request, name, shards, tmp_path):
+    """Each backbone's check_args, before any model loads: a hub id that does not download, a folder
+    without that backbone's layout."""
+    mod = importlib.import_module(name)
+    fixture, extra = SCRIPTS[name]
+    model = request.getfixturevalue(fixture)
+    flags = ["--shards", *shards, "--output_dir", str(tmp_path / "out"), *(e.format(model=model) for e in extra)]
+    for bad, says in (("nobody/no-model", "not a local folder, and the Hugging Face Hub could not provide it"),
+                      (str(tmp_path), "cannot read")):
+        with pytest.raises(common.UsageError, match=says) as e:
+            mod.check_args(mod.parse_args(["--model", bad, *flags]))
+        assert str(e.value).startswith(f"--model {bad}") and "\n" not in str(e.value)
+
+
 EVERY_DRIVER = textwrap.dedent("""
     import importlib, json, os, sys, torch
     sys.path.insert(0, {root!r})
@@ -351,13 +367,14 @@ CLI_DRIVER = textwrap.dedent("""
     import json, os, runpy, sys
     sys.path.insert(0, {root!r})
     out = {{}}
-    for name, argv in json.loads(sys.argv[1]).items():  # each script's __main__, as `python flash_x.py ...` runs it
+    for key, argv in json.loads(sys.argv[1]).items():  # each script's __main__, as `python flash_x.py ...` runs it
+        name = key.split(":")[0]
         sys.argv = [name + ".py", *argv]
         try:
             runpy.run_path(os.path.join({root!r}, name + ".py"), run_name="__main__")
-            out[name] = None
+            out[key] = None
         except SystemExit as e:
-            out[name] = str(e.code)
+            out[key] = str(e.code)
     import common  # the real LPIPS, its weights not downloadable: one line that says where to put them
     try:
         common.make_lpips()
@@ -370,7 +387,8 @@ CLI_DRIVER = textwrap.dedent("""
 
 def test_failures_end_with_one_line_naming_the_cause_and_the_traceback_goes_to_the_log(request, shards, tmp_path):
     """Each script's command line, run as `python flash_x.py`: a pipe: shard command that fails stops with one
-    line (its SystemExit message), and the traceback is in log.txt instead; all five scripts in one process."""
+    line (its SystemExit message: exit status 1), and the traceback is in log.txt instead; missing shards stop
+    before anything loads; all in one process."""
     runs = {}
     for name, (fixture, extra) in SCRIPTS.items():
         model = request.getfixturevalue(fixture)
@@ -378,6 +396,7 @@ def test_failures_end_with_one_line_naming_the_cause_and_the_traceback_goes_to_t
                       "--output_dir", str(tmp_path / name), "--resolution", "32", "--batch_size", "2",
                       "--num_teacher_steps", "4", "--mixed_precision", "no", "--num_workers", "0", "--lora_rank", "4",
                       "--distill_loss", "l2", "--validation_prompts", "a red square"]
+    runs["flash_sd:no shards"] = ["--shards", str(tmp_path / "none.tar"), "--output_dir", str(tmp_path / "o")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", TORCH_HOME=str(tmp_path / "torch_home"),
                https_proxy="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9")  # no download can start
     r = subprocess.run([sys.executable, "-c", CLI_DRIVER.format(root=ROOT), json.dumps(runs)], capture_output=True,
@@ -390,6 +409,8 @@ def test_failures_end_with_one_line_naming_the_cause_and_the_traceback_goes_to_t
         assert "pipe:false" in msg and "a pipe: command runs on its own" in msg and "\n" not in msg
         log = open(tmp_path / name / "log.txt").read()
         assert "Traceback (most recent call last)" in log and "RunError" in log
+    assert out["flash_sd:no shards"].startswith("flash_sd.py: error: --shards")  # checked before anything loads
+    assert "\n" not in out["flash_sd:no shards"]
     assert "Traceback" not in r.stderr
     msg = out["lpips"]
     assert msg.startswith("--distill_loss lpips needs torchvision's VGG16 weights") and "\n" not in msg
