@@ -393,6 +393,17 @@ def renoise(x0, noise, t, alphas_cumprod):
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
+def renoise_level(t, grid, kind="true"):
+    """The timestep whose noise level re-noises DMD's and the discriminator's inputs for t (B,). "true":
+    t itself. "original": as the original code's DPMSolverMultistepScheduler.add_noise after
+    set_timesteps(K), t where it is on the teacher's K-step grid, else the grid's last timestep (a
+    near-clean level). The networks and DMD's coefficient are told t either way."""
+    if kind == "true":
+        return t
+    on_grid = (t[:, None] == grid.to(t)[None, :]).any(1)
+    return torch.where(on_grid, t, grid[-1].to(t))
+
+
 def renoise_flow(x0, noise, sigma):
     """Flow matching's forward process (SD3) at sigma (B,): sigma noise + (1 - sigma) x0; pure noise at 1."""
     s = bcast(sigma, x0)

@@ -130,6 +130,9 @@ def parse_args(argv=None):
     a("--adv_weights", type=float, nargs=4, default=ADV_WEIGHTS, help="lambda_adv per phase")
     a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"], help="GAN loss")
     a("--teacher_as_real", action="store_true", help="D's real samples: teacher outputs, not data")
+    a("--renoise", default="true", choices=["true", "original"],
+      help="noise level of DMD's and D's inputs: t's own, or the original code's (off the K-step "
+      "grid, its last step)")
     # optimisation
     a("--lr", type=positive_float, default=LR, help="AdamW learning rate of the LoRA (constant)")
     a("--lr_disc", type=positive_float, default=LR,
@@ -377,7 +380,8 @@ def train_step(m, student, disc, batch, step, args):
                                                     m.lpips)
         if l_dmd > 0:  # 5b. DMD: the teacher with CFG is the real score, the student the fake score
             t2 = torch.randint(0, len(abar), (B,), device=dev)
-            y = common.renoise(x_hat.detach(), torch.randn_like(x_hat), t2, abar)
+            t2_noise = common.renoise_level(t2, m.teacher_sched.timesteps, args.renoise)
+            y = common.renoise(x_hat.detach(), torch.randn_like(x_hat), t2_noise, abar)
             w2 = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
             with torch.no_grad():
                 with teacher_mode(m.denoiser):
@@ -387,12 +391,14 @@ def train_step(m, student, disc, batch, step, args):
         # 5c. GAN: the frozen teacher's epsilon of re-noised fake and real latents, same noise
         levels = torch.tensor(GAN_TIMESTEPS, device=dev)
         s = levels[torch.randint(0, len(GAN_TIMESTEPS), (B,), device=dev)]
+        s_noise = common.renoise_level(s, m.teacher_sched.timesteps, args.renoise)
         n = torch.randn_like(x_hat)
         real = x_T if args.teacher_as_real else z0
-        fake_in = common.renoise(x_hat if l_adv > 0 else x_hat.detach(), n, s, abar)
+        fake_in = common.renoise(x_hat if l_adv > 0 else x_hat.detach(), n, s_noise, abar)
         # the real half needs no gradient: run apart, it saves no activations for the backward
         with torch.no_grad(), teacher_mode(m.denoiser):
-            f_real = denoise(m.denoiser, common.renoise(real, n, s, abar), s, cond).float()
+            real_in = common.renoise(real, n, s_noise, abar)
+            f_real = denoise(m.denoiser, real_in, s, cond).float()
         with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.denoiser, no_checkpointing=True):
             f_fake = denoise(m.denoiser, fake_in, s, cond).float()
         if l_adv > 0:

@@ -394,6 +394,31 @@ def generate(pipe, labels, noise, steps, guidance, batch=128):
     return torch.cat(out).clamp(0, 1)
 
 
+@torch.no_grad()
+def generate_drawn_w(pipe, labels, noise, steps, w_range, batch=128):
+    """The teacher as the student learns it (the fair reference): DPM-Solver++ with CFG, w drawn per image
+    from the distillation's U[guidance_min, guidance_max], on the same prompts and initial noise as
+    generate(), decoded as the pipeline decodes."""
+    from diffusers import DPMSolverMultistepScheduler
+    import flash_sd
+    w = torch.empty(len(labels)).uniform_(*w_range, generator=torch.Generator().manual_seed(4321))
+    sched = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                    timestep_spacing="trailing", final_sigmas_type="zero")
+    uncond = flash_sd.encode_text(pipe.tokenizer, pipe.text_encoder, [""], torch.device("cpu"))
+    out = []
+    for i in range(0, len(labels), batch):
+        cond = flash_sd.encode_text(pipe.tokenizer, pipe.text_encoder, [caption(*lab) for lab in labels[i:i + batch]],
+                                    torch.device("cpu"))
+        x = noise[i:i + batch] * sched.init_noise_sigma
+        sched.set_timesteps(steps)
+        for tau in sched.timesteps:
+            e = flash_sd.cfg_eps(pipe.unet, x, tau.expand(len(x)), cond, uncond.expand(len(x), -1, -1),
+                                 w[i:i + batch].view(-1, 1, 1, 1))
+            x = sched.step(e, tau, x).prev_sample
+        out.append(pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample / 2 + 0.5)
+    return torch.cat(out).clamp(0, 1)
+
+
 def stage_table(args, teacher, run, judge_path):
     from diffusers import DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline
     torch.manual_seed(0)
@@ -405,13 +430,21 @@ def stage_table(args, teacher, run, judge_path):
     cfg = pipe.scheduler.config
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(cfg, algorithm_type="dpmsolver++",
                                                              timestep_spacing="trailing", final_sigmas_type="zero")
+    import flash_sd
+    distill = flash_sd.parse_args(distill_command(args, teacher)[2:])
+    w_range = (distill.guidance_min, distill.guidance_max)
+    drawn = f"teacher, w ~ U[{w_range[0]:g}, {w_range[1]:g}]"  # the fair reference: w as the student learns it
     rows, images = [], {}
-    configs = [("teacher", n, 2 * n) for n in (32, 8, 4, 2, 1)] + [("student", n, n) for n in (4, 2, 1)]
+    configs = [("teacher", n, 2 * n) for n in (32, 8, 4, 2, 1)] + [(drawn, n, 2 * n) for n in (32, 16)]
+    configs += [("student", n, n) for n in (4, 2, 1)]
     for who, steps, nfe in tqdm(configs, desc="table"):
         if (who, steps) == ("student", 4):  # the first student row: load the LoRA the way a user does
             pipe.load_lora_weights(run)
             pipe.scheduler = LCMScheduler.from_config(cfg, timestep_spacing="trailing")
-        x = generate(pipe, labels, noise, steps, args.guidance if who == "teacher" else 0.0)
+        if who == drawn:
+            x = generate_drawn_w(pipe, labels, noise, steps, w_range)
+        else:
+            x = generate(pipe, labels, noise, steps, args.guidance if who == "teacher" else 0.0)
         images[(who, steps)] = x
         align, feats = judge_read(judge, x * 2 - 1, labels)
         mse = float(((x - images[("teacher", 32)]) ** 2).mean())

@@ -63,10 +63,15 @@ def test_quick_run_end_to_end(tmp_path):
     work = tmp_path / "quick"
     res = json.loads((work / "results.json").read_text())
     got = [(r["model"], r["steps"], r["nfe"]) for r in res["rows"]]
-    assert got == [("teacher", n, 2 * n) for n in (32, 8, 4, 2, 1)] + [("student", n, n) for n in (4, 2, 1)]
+    drawn = "teacher, w ~ U[3, 13]"  # the fair reference: w drawn per image as the student learns the teacher
+    assert got == [("teacher", n, 2 * n) for n in (32, 8, 4, 2, 1)] + [(drawn, n, 2 * n) for n in (32, 16)] + [
+        ("student", n, n) for n in (4, 2, 1)]
+    by = {(r["model"], r["steps"]): r for r in res["rows"]}
+    assert 0 < by[(drawn, 32)]["mse_to_teacher32"]  # another w than the CFG-5 row's, the same noise and prompts
+    assert by[(drawn, 32)]["alignment"] > 0.8
     assert res["rows"][0]["mse_to_teacher32"] == 0 and res["rows"][0]["fd"] >= 0
     assert all(0 <= r["alignment"] <= 1 and np.isfinite(r["fd"]) for r in res["rows"])
-    assert any(r["mse_to_teacher32"] > 0 for r in res["rows"][5:])  # the LoRA changed the sampler's output
+    assert any(r["mse_to_teacher32"] > 0 for r in res["rows"][7:])  # the LoRA changed the sampler's output
     assert res["rows"][0]["alignment"] > 0.8  # the shipped teacher follows its prompts at 32 steps
     assert (work / "run" / "pytorch_lora_weights.safetensors").exists()
     assert "| student | 1 | 1 |" in (work / "results.md").read_text()
@@ -105,3 +110,18 @@ def test_teacher_training_writes_a_stock_pipeline(tmp_path):
     img = pipe("a red circle on a blue background", num_inference_steps=2, height=16, width=16,
                output_type="np").images
     assert img.shape == (1, 16, 16, 3)
+
+
+def test_the_drawn_w_reference_is_the_pipelines_teacher_at_a_fixed_w():
+    """The fair reference rows' sampler (w per image) equals the stock pipeline's DPM-Solver++ teacher when
+    the range is one value, so the two kinds of teacher row differ only in w."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(toy.ASSETS, "model"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++",
+                                                             timestep_spacing="trailing", final_sigmas_type="zero")
+    labels, noise, _, _ = toy.eval_set(4)
+    stock = toy.generate(pipe, labels, noise, 8, 5.0)
+    torch.testing.assert_close(toy.generate_drawn_w(pipe, labels, noise, 8, (5.0, 5.0)), stock, rtol=1e-4, atol=1e-4)
+    assert (toy.generate_drawn_w(pipe, labels, noise, 8, (3.0, 13.0)) - stock).abs().max() > 1e-3
