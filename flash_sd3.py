@@ -179,9 +179,8 @@ def check_args(args):
                           "configs)", e) from e
     euler = sched_cfg.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
     if not euler or sched_cfg.get("use_dynamic_shifting"):
-        raise common.UsageError(f"--model {args.model}: its scheduler is not a fixed-shift "
-                                "FlowMatchEulerDiscreteScheduler; this script distils SD3-style "
-                                "flow-matching models only")
+        raise common.UsageError(f"--model {args.model}: not a fixed-shift FlowMatchEulerDiscrete"
+                                "Scheduler; this script distils SD3-style flow matching only")
     if args.use_t5:  # transformers' configs fall back to defaults silently: look for the file
         try:
             t5_config = cached_file(args.model, "config.json", subfolder="text_encoder_3")
@@ -194,9 +193,9 @@ def check_args(args):
     # embedding
     down = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * net_cfg["patch_size"]
     if args.resolution % down:
+        hint = max(down, args.resolution // down * down)
         raise common.UsageError(f"--resolution {args.resolution}: must be a multiple of {down} "
-                                "for this model (VAE downsampling x patch size), e.g. "
-                                f"{max(down, args.resolution // down * down)}")
+                                f"for this model (VAE downsampling x patch size), e.g. {hint}")
     most = net_cfg.get("pos_embed_max_size")
     if most and args.resolution // down > most:
         raise common.UsageError(f"--resolution {args.resolution}: at most {most * down} for this "
@@ -852,8 +851,8 @@ def main(argv=None):
     fused = dict(fused=True) if device.type == "cuda" else {}
     opt_g = torch.optim.AdamW(lora, lr=args.lr, **fused)
     opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.lr_disc, **fused)
-    log.info(f"LoRA {sum(p.numel() for p in lora) / 1e6:.2f}M + discriminator "
-             f"{sum(p.numel() for p in m.disc.parameters()) / 1e6:.2f}M trainable parameters; "
+    n_lora, n_disc = (sum(p.numel() for p in ps) / 1e6 for ps in (lora, m.disc.parameters()))
+    log.info(f"LoRA {n_lora:.2f}M + discriminator {n_disc:.2f}M trainable parameters; "
              f"{world_size} process(es) on {device.type}")
     step, nonfinite = 0, 0
     if resume_from:
@@ -891,9 +890,9 @@ def main(argv=None):
                 where = "no checkpoint was written yet"
                 if found:
                     where = f"the last good checkpoint is {found[-1]}"
+                hint = "Try a lower --lr, --mixed_precision no, or check the data."
                 raise common.RunError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; "
-                                      f"{where}. Try a lower --lr, --mixed_precision no, or check "
-                                      "the data.")
+                                      f"{where}. {hint}")
             done = step == total
             if not bad and (step % args.log_every == 0 or done):
                 seconds = time.time() - t_log

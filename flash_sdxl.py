@@ -163,9 +163,9 @@ def check_args(args):
     vae_down = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     factor = math.lcm(8, vae_down * 2 ** (len(unet_cfg["block_out_channels"]) - 1))
     if args.resolution % factor:
+        hint = max(factor, args.resolution // factor * factor)
         raise common.UsageError(f"--resolution {args.resolution}: must be a multiple of {factor} "
-                                "for this model (VAE and UNet downsampling), e.g. "
-                                f"{max(factor, args.resolution // factor * factor)}")
+                                f"for this model (VAE and UNet downsampling), e.g. {hint}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -783,8 +783,8 @@ def main(argv=None):
     fused = dict(fused=True) if device.type == "cuda" else {}
     opt_g = torch.optim.AdamW(lora, lr=args.lr, **fused)
     opt_d = torch.optim.AdamW(m.disc.parameters(), lr=args.lr_disc, **fused)
-    log.info(f"LoRA {sum(p.numel() for p in lora) / 1e6:.2f}M + discriminator "
-             f"{sum(p.numel() for p in m.disc.parameters()) / 1e6:.2f}M trainable parameters; "
+    n_lora, n_disc = (sum(p.numel() for p in ps) / 1e6 for ps in (lora, m.disc.parameters()))
+    log.info(f"LoRA {n_lora:.2f}M + discriminator {n_disc:.2f}M trainable parameters; "
              f"{world_size} process(es) on {device.type}")
     step, nonfinite = 0, 0
     if resume_from:
@@ -822,9 +822,9 @@ def main(argv=None):
                 where = "no checkpoint was written yet"
                 if found:
                     where = f"the last good checkpoint is {found[-1]}"
+                hint = "Try a lower --lr, --mixed_precision no, or check the data."
                 raise common.RunError(f"{MAX_NONFINITE} non-finite losses in a row at step {step}; "
-                                      f"{where}. Try a lower --lr, --mixed_precision no, or check "
-                                      "the data.")
+                                      f"{where}. {hint}")
             done = step == total
             if not bad and (step % args.log_every == 0 or done):
                 seconds = time.time() - t_log

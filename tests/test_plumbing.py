@@ -78,3 +78,17 @@ def test_the_script_reads_within_its_budget(name):
     main = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == "main")
     assert main.end_lineno - main.lineno + 1 <= 90
     assert depth(main) <= 5
+
+
+@pytest.mark.parametrize("name", sorted(SCRIPTS))
+def test_each_message_is_at_most_two_source_lines(name):
+    """Errors, log lines and argparse refusals: a message a reader sees whole in the source."""
+    long = []
+    for node in ast.walk(ast.parse(source(name))):
+        func = getattr(node, "func", None)
+        called = getattr(func, "attr", getattr(func, "id", ""))
+        if isinstance(node, ast.Call) and called in ("UsageError", "RunError", "info", "ArgumentTypeError"):
+            message = node.args[0] if node.args else None
+            if message is not None and message.end_lineno - message.lineno > 1:
+                long.append(message.lineno)
+    assert not long, f"{name}.py: messages over two source lines at {long}"
