@@ -1,4 +1,4 @@
-"""Flash Diffusion for PixArt-alpha: distil the DiT into a 1-4 step LoRA student.
+"""Flash Diffusion for PixArt-alpha and PixArt-Sigma: distil the DiT into a 1-4 step LoRA student.
 
 Chadebec et al., "Flash Diffusion: Accelerating Any Conditional Diffusion Model for Few Steps Image
 Generation", arXiv 2406.02347. The student (transformer + LoRA) learns to reach in one step what
@@ -7,8 +7,9 @@ classifier-free guidance, from start steps drawn from a Gaussian mixture that mo
 noise over 4 phases; a distribution-matching (DMD) loss and an adversarial loss join after a
 warm-up phase.
 
-PixArt specifics: T5 text embeddings (120 tokens) with their attention mask, resolution and
-aspect-ratio conditioning fixed to the training resolution, the transformer's 8 output channels
+PixArt specifics: T5 text embeddings (alpha 120 tokens, Sigma 300) with their attention mask,
+resolution and aspect-ratio conditioning fixed to the training resolution where the transformer
+takes it (alpha at 1024 px; Sigma takes none), the transformer's 8 output channels
 (epsilon, variance) of which the first 4 are used, the empty prompt through T5 as the
 unconditional input, and a discriminator that reads the frozen teacher's epsilon prediction of the
 re-noised sample.
@@ -21,8 +22,9 @@ Launch (defaults are the paper's PixArt settings; phase lengths count generator 
     # two nodes (the same command on each; $MASTER is the first node's address)
     torchrun --nnodes=2 --nproc_per_node=8 --rdzv_id=flash --rdzv_backend=c10d \
         --rdzv_endpoint=$MASTER:29500 flash_pixart.py --shards "data/{00000..00999}.tar"
-Use the result with a stock PixArtAlphaPipeline: PeftModel.from_pretrained(pipe.transformer,
-output_dir), LCMScheduler (timestep_spacing="trailing"), 4 steps, guidance_scale=0. See README.md.
+Use the result with a stock PixArtAlphaPipeline or PixArtSigmaPipeline:
+PeftModel.from_pretrained(pipe.transformer, output_dir), LCMScheduler (timestep_spacing="trailing"),
+4 steps, guidance_scale=0. See README.md.
 """
 import argparse
 import contextlib
@@ -45,8 +47,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler,
-                       PixArtAlphaPipeline, PixArtTransformer2DModel)
+from diffusers import (AutoencoderKL, DiffusionPipeline, DPMSolverMultistepScheduler, LCMScheduler,
+                       PixArtAlphaPipeline, PixArtSigmaPipeline, PixArtTransformer2DModel)
 from peft import LoraConfig, get_peft_model
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from PIL import Image, ImageDraw
@@ -82,7 +84,7 @@ LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.n
                 "ff.net.2", "proj", "linear", "linear_1", "linear_2"]
 GAN_TIMESTEPS = [10, 250, 500, 750]  # noise levels the discriminator sees, one drawn per sample
 MIN_AESTHETIC = 6.0  # keep samples with json aesthetic_score >= this
-MAX_TOKENS = 120  # T5 sequence length of PixArt-alpha
+MAX_TOKENS = dict(alpha=120, sigma=300)  # T5 sequence length of PixArt-alpha and of PixArt-Sigma
 
 DEFAULT_PROMPTS = [
     "a photograph of an astronaut riding a horse",
@@ -102,6 +104,8 @@ def parse_args(argv=None):
     a = p.add_argument
     # data and model
     a("--model", default=MODEL, help="hub id or local diffusers folder")
+    a("--variant", default="auto", choices=["auto", "alpha", "sigma"],
+      help="PixArt-alpha or PixArt-Sigma (auto: the model's pipeline class, else its VAE's scale)")
     a("--shards", nargs="+", required=True, help="webdataset shards: braces, globs, pipe: URLs")
     a("--output_dir", default=f"runs/{NAME}", help="metrics, samples, checkpoints, the LoRA")
     a("--resolution", type=positive_int, default=RESOLUTION, help="training size (square crop)")
@@ -202,9 +206,10 @@ def build(args, device):
     teacher_sched = DPMSolverMultistepScheduler.from_config(
         sched_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
         final_sigmas_type="zero")
-    sizes = net.config.sample_size == 128  # size conditioning, as the stock pipeline decides
+    variant, sizes = pixart_variant(args), net.get_base_model().use_additional_conditions
     # the unconditional input: the empty prompt
-    uncond = encode_text(tokenizer, text_encoder, [""], args.resolution, device, sizes)
+    uncond = encode_text(tokenizer, text_encoder, [""], args.resolution, device, sizes,
+                         MAX_TOKENS[variant])
     # the discriminator head, sized from the teacher's epsilon prediction at this resolution
     latent = args.resolution // 2 ** (len(vae.config.block_out_channels) - 1)
     with torch.no_grad(), teacher_mode(net):
@@ -216,7 +221,8 @@ def build(args, device):
         lpips = common.make_lpips().to(device).requires_grad_(False).eval()
     return SimpleNamespace(
         device=device, tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, denoiser=net,
-        uncond=uncond, sizes=sizes, teacher_sched=teacher_sched, sched_config=sched_config,
+        uncond=uncond, sizes=sizes, variant=variant, max_tokens=MAX_TOKENS[variant],
+        teacher_sched=teacher_sched, sched_config=sched_config,
         lpips=lpips, alphas_cumprod=teacher_sched.alphas_cumprod.to(device, torch.float32),
         disc=make_discriminator(f.shape[1], f.shape[-1]).to(device),
         decode=lambda z: vae.decode(z / vae.config.scaling_factor).sample,
@@ -226,13 +232,13 @@ def build(args, device):
 
 
 @torch.no_grad()
-def encode_text(tokenizer, text_encoder, prompts, resolution, device, sizes=True):
-    """PixArt conditioning, batch-first: T5 states (B, 120, 4096) and their attention mask, as the
-    stock pipeline makes them (prompts lower-cased and stripped), plus, with `sizes` (the 1024 px
-    model, whose sample_size is 128, as the pipeline decides), the resolution and aspect-ratio
-    conditioning."""
+def encode_text(tokenizer, text_encoder, prompts, resolution, device, sizes=True, max_tokens=120):
+    """PixArt conditioning, batch-first: T5 states (B, max_tokens, 4096) and their attention mask,
+    as the stock pipeline makes them (prompts lower-cased and stripped), plus, with `sizes` (the
+    transformer's use_additional_conditions: PixArt-alpha at 1024 px), the resolution and
+    aspect-ratio conditioning."""
     prompts = [p.lower().strip() for p in prompts]
-    tokens = tokenizer(prompts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+    tokens = tokenizer(prompts, padding="max_length", max_length=max_tokens, truncation=True,
                        add_special_tokens=True, return_tensors="pt")
     mask = tokens.attention_mask.to(device)
     text = text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0]
@@ -242,6 +248,19 @@ def encode_text(tokenizer, text_encoder, prompts, resolution, device, sizes=True
     ratio = torch.ones(B, 1, device=device, dtype=text.dtype)
     size = torch.tensor([[resolution, resolution]] * B, device=device, dtype=text.dtype)
     return dict(text=text, mask=mask, aspect_ratio=ratio, resolution=size)
+
+
+def pixart_variant(args):
+    """"alpha" or "sigma": --variant, else the pipeline class in the model's model_index.json, else
+    the VAE's scaling factor (PixArt-Sigma uses SDXL's VAE, 0.13025; PixArt-alpha SD's, 0.18215)."""
+    if args.variant != "auto":
+        return args.variant
+    with contextlib.suppress(OSError, ValueError):
+        pipeline = DiffusionPipeline.load_config(args.model).get("_class_name", "")
+        if pipeline in ("PixArtSigmaPipeline", "PixArtAlphaPipeline"):
+            return "sigma" if pipeline == "PixArtSigmaPipeline" else "alpha"
+    scale = AutoencoderKL.load_config(args.model, subfolder="vae").get("scaling_factor")
+    return "sigma" if abs(scale - 0.13025) < 1e-6 else "alpha"
 
 
 def cat_cond(*conds):
@@ -345,7 +364,7 @@ def train_step(m, student, disc, batch, step, args):
         pixels = batch["pixel_values"].to(dev, non_blocking=True)
         z0 = m.vae.encode(pixels).latent_dist.sample().float() * m.vae.config.scaling_factor
         cond = encode_text(m.tokenizer, m.text_encoder, batch["text"], args.resolution, dev,
-                           m.sizes)
+                           m.sizes, m.max_tokens)
     uncond = expand_cond(m.uncond, B)
 
     # 2. start index k from the phase's mixture; x_t on the teacher's trailing grid (noise at k = 0)
@@ -426,7 +445,8 @@ def sample_grid(m, args, step):
     """Teacher (DPM-Solver++, 20 steps, CFG 4.5: the stock pipeline's defaults) beside the student
     (LCM, 1/2/4 steps, no CFG), on the validation prompts with a fixed generator; rows are prompts.
     Returns the PNG's path."""
-    pipe = PixArtAlphaPipeline(
+    Pipeline = PixArtSigmaPipeline if m.variant == "sigma" else PixArtAlphaPipeline
+    pipe = Pipeline(
         vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, transformer=m.denoiser,
         scheduler=LCMScheduler.from_config(m.sched_config, timestep_spacing="trailing"))
     pipe.set_progress_bar_config(disable=True)
@@ -439,7 +459,7 @@ def sample_grid(m, args, step):
             return pipe(args.validation_prompts, num_inference_steps=steps, guidance_scale=guidance,
                         generator=g, height=args.resolution, width=args.resolution,
                         use_resolution_binning=False, clean_caption=False,
-                        output_type="pt").images.float().cpu()
+                        max_sequence_length=m.max_tokens, output_type="pt").images.float().cpu()
 
     columns = {f"student {n} step{'s' * (n > 1)}": run(n, 0.0) for n in (1, 2, 4)}
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(m.sched_config,
@@ -462,8 +482,8 @@ def sample_grid(m, args, step):
 def export_lora(net, out_dir):
     """A PEFT adapter folder (adapter_config.json with rank and alpha, adapter_model.safetensors)
     that PeftModel.from_pretrained(pipe.transformer, out_dir) loads into a stock
-    PixArtAlphaPipeline; and flash_pixart_comfyui.safetensors for ComfyUI (comfyui_state_dict).
-    Returns the folder's path: the adapter is the folder, not one file."""
+    PixArtAlphaPipeline or PixArtSigmaPipeline; and flash_pixart_comfyui.safetensors for ComfyUI
+    (comfyui_state_dict). Returns the folder's path: the adapter is the folder, not one file."""
     net.save_pretrained(out_dir)
     save_file(comfyui_state_dict(net), os.path.join(out_dir, f"{NAME}_comfyui.safetensors"))
     return out_dir

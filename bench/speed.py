@@ -108,6 +108,8 @@ def script_args(mod, opts):
     args = mod.parse_args(argv)
     if hasattr(args, "adapter"):
         args.adapter = "adapter"  # the key build_parts stores it under
+    if hasattr(args, "variant"):
+        args.variant = "alpha"  # the in-memory PixArt has PixArt-alpha's layout (no folder to read it from)
     return args
 
 

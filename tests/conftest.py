@@ -244,6 +244,29 @@ def pixart_model(tmp_path_factory):
     return make_pixart_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-pixart"))
 
 
+def make_pixart_sigma_pipeline(path, seed=0):
+    """Tiny PixArt-Sigma layout: the alpha DiT without size conditioning, SDXL's VAE scale, and the
+    PixArtSigmaPipeline class in model_index.json."""
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tok = t5_tokenizer()
+    transformer = PixArtTransformer2DModel(**DENOISERS[("pixart", "tiny")][1], use_additional_conditions=False,
+                                           interpolation_scale=1)
+    vae = AutoencoderKL(**tiny_vae(scaling_factor=0.13025))
+    text_encoder = T5EncoderModel(T5Config(**t5_config("tiny", vocab=len(tok))))
+    sched = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear")
+    pipe = PixArtSigmaPipeline(tokenizer=tok, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                               scheduler=sched)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pixart_sigma_model(tmp_path_factory):
+    return make_pixart_sigma_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-pixart-sigma"))
+
+
 def make_sd3_pipeline(path, seed=0):
     """Tiny SD3 layout: an MMDiT with 16 latent channels (one joint block, one context-pre-only block), two CLIP
     encoders with projections (hidden 16 and 32, so their concatenation is padded up to the joint width 64, as

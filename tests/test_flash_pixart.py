@@ -4,6 +4,7 @@ folder a run writes loads into a stock PixArtAlphaPipeline."""
 import json
 import os
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -156,3 +157,66 @@ def test_resume_continues_from_the_saved_state(pixart_model, shards, tmp_path, m
     for key in ("lora", "disc"):
         assert saved[key].keys() == first_seen[key].keys()
         assert all(torch.equal(saved[key][k], first_seen[key][k]) for k in saved[key])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# PixArt-Sigma: 300 T5 tokens, no size conditioning, PixArtSigmaPipeline
+# ---------------------------------------------------------------------------------------------------------
+
+def test_the_variant_is_read_from_the_folder_else_the_vae_and_the_flag_wins(pixart_model, pixart_sigma_model, shards,
+                                                                            tmp_path):
+    def variant(model, *flags):
+        return flash_pixart.pixart_variant(flash_pixart.parse_args(argv(model, shards, tmp_path / "o", *flags)))
+    assert variant(pixart_model) == "alpha" and variant(pixart_sigma_model) == "sigma"
+    assert variant(pixart_sigma_model, "--variant", "alpha") == "alpha"
+    for model, expected in ((pixart_model, "alpha"), (pixart_sigma_model, "sigma")):  # no model_index.json
+        copy = tmp_path / f"copy-{expected}"
+        shutil.copytree(model, copy, ignore=shutil.ignore_patterns("model_index.json"))
+        assert variant(str(copy)) == expected  # from the VAE's scaling factor
+
+
+@pytest.fixture(scope="module")
+def sigma_run(pixart_sigma_model, shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sigma") / "run"
+    m, step = flash_pixart.main(argv(pixart_sigma_model, shards, out, "--phase_steps", "0", "2", "0", "0", "--lr",
+                                     "3e-3", "--sample_every", "2"))
+    assert step == 2
+    return out, m
+
+
+def test_sigma_conditions_on_300_tokens_and_no_sizes_and_solves_as_the_stock_sigma_pipeline(sigma_run):
+    from diffusers import PixArtSigmaPipeline
+    _, m = sigma_run
+    assert m.variant == "sigma" and not m.sizes and m.uncond["text"].shape == (1, 300, 32)
+    prompts = ["a red square", "a blue circle"]
+    cpu = torch.device("cpu")
+    cond = flash_pixart.encode_text(m.tokenizer, m.text_encoder, prompts, 32, cpu, False, m.max_tokens)
+    uncond = flash_pixart.expand_cond(m.uncond, 2)
+    torch.manual_seed(0)
+    x_t = torch.randn(2, 4, 16, 16)
+    m.teacher_sched.set_timesteps(4)
+    ours = flash_pixart.teacher_solve(m, x_t, 0, cond, uncond, 4.5)
+    pipe = PixArtSigmaPipeline(tokenizer=m.tokenizer, text_encoder=m.text_encoder, vae=m.vae, transformer=m.denoiser,
+                               scheduler=m.teacher_sched)
+    with flash_pixart.teacher_mode(m.denoiser):
+        stock = pipe(prompts, num_inference_steps=4, guidance_scale=4.5, latents=x_t, output_type="latent",
+                     height=32, width=32, use_resolution_binning=False, clean_caption=False).images
+    torch.testing.assert_close(ours, stock.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_sigma_adapter_folder_loads_into_a_stock_sigma_pipeline_as_the_student(sigma_run, pixart_sigma_model):
+    from diffusers import PixArtSigmaPipeline
+    from peft import PeftModel
+    out, m = sigma_run
+    assert (out / "samples" / "step_000002.png").exists()  # the grid through PixArtSigmaPipeline
+    pipe = PixArtSigmaPipeline.from_pretrained(pixart_sigma_model)
+    pipe.transformer = PeftModel.from_pretrained(pipe.transformer, str(out))
+    cpu = torch.device("cpu")
+    cond = flash_pixart.encode_text(pipe.tokenizer, pipe.text_encoder, ["a"], 32, cpu, False, 300)
+    torch.manual_seed(1)
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([499])
+    with torch.no_grad():
+        student = flash_pixart.denoise(m.denoiser, x, t, cond)
+        torch.testing.assert_close(flash_pixart.denoise(pipe.transformer, x, t, cond), student, rtol=1e-5, atol=1e-5)
+        with flash_pixart.teacher_mode(m.denoiser):
+            assert (flash_pixart.denoise(m.denoiser, x, t, cond) - student).abs().max() > 1e-4  # the LoRA trained
