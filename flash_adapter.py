@@ -166,9 +166,10 @@ def parse_args(argv=None):
 def check_args(args):
     """This backbone's start-up checks of --model and --resolution, before any model loads; a
     UsageError names the flag and the fix (check_flags checks what every script checks)."""
-    layout = "an SDXL layout (vae/, unet/) and a T2I-Adapter config"
+    layout = "an SDXL layout (vae/, unet/, scheduler/) and a T2I-Adapter config"
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
+        sched_cfg = DPMSolverMultistepScheduler.load_config(args.model, subfolder="scheduler")
         T2IAdapter.load_config(args.adapter)
         unet_cfg = UNet2DConditionModel.load_config(args.model, subfolder="unet")
     except Exception as e:
@@ -176,6 +177,10 @@ def check_args(args):
             raise model_error(args.model, layout, e) from e
         raise common.UsageError(f"--model {args.model} / --adapter {args.adapter}: cannot read "
                                 f"{layout} there: {one_line(e)}") from e
+    if sched_cfg.get("prediction_type", "epsilon") != "epsilon":  # x0 from v differs
+        predicts = sched_cfg["prediction_type"]
+        raise common.UsageError(f"--model {args.model}: its scheduler's prediction_type is "
+                                f"{predicts}; this script distils epsilon-prediction models only")
     if unet_cfg.get("addition_embed_type") != "text_time":
         raise common.UsageError(f"--model {args.model}: not an SDXL UNet (addition_embed_type "
                                 f"{unet_cfg.get('addition_embed_type')}); use flash_sd.py for it")

@@ -165,10 +165,15 @@ def check_args(args):
     UsageError names the flag and the fix (check_flags checks what every script checks)."""
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
+        sched_cfg = DPMSolverMultistepScheduler.load_config(args.model, subfolder="scheduler")
         net_cfg = PixArtTransformer2DModel.load_config(args.model, subfolder="transformer")
     except Exception as e:
-        layout = "a diffusers PixArt layout (vae/ and transformer/ configs)"
+        layout = "a diffusers PixArt layout (vae/, transformer/, scheduler/)"
         raise model_error(args.model, layout, e) from e
+    if sched_cfg.get("prediction_type", "epsilon") != "epsilon":  # x0 from v differs
+        predicts = sched_cfg["prediction_type"]
+        raise common.UsageError(f"--model {args.model}: its scheduler's prediction_type is "
+                                f"{predicts}; this script distils epsilon-prediction models only")
     # the latent must split into patches; the stock pipeline (validation) wants multiples of 8
     factor = math.lcm(8, 2 ** (len(vae_cfg["block_out_channels"]) - 1) * net_cfg["patch_size"])
     if args.resolution % factor:

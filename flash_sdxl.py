@@ -153,9 +153,15 @@ def check_args(args):
     UsageError names the flag and the fix (check_flags checks what every script checks)."""
     try:
         vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
+        sched_cfg = DPMSolverMultistepScheduler.load_config(args.model, subfolder="scheduler")
         unet_cfg = UNet2DConditionModel.load_config(args.model, subfolder="unet")
     except Exception as e:
-        raise model_error(args.model, "a diffusers SDXL layout (vae/ and unet/ configs)", e) from e
+        layout = "a diffusers SDXL layout (vae/, unet/, scheduler/ configs)"
+        raise model_error(args.model, layout, e) from e
+    if sched_cfg.get("prediction_type", "epsilon") != "epsilon":  # x0 from v differs
+        predicts = sched_cfg["prediction_type"]
+        raise common.UsageError(f"--model {args.model}: its scheduler's prediction_type is "
+                                f"{predicts}; this script distils epsilon-prediction models only")
     if unet_cfg.get("addition_embed_type") != "text_time":
         raise common.UsageError(f"--model {args.model}: not an SDXL UNet (addition_embed_type "
                                 f"{unet_cfg.get('addition_embed_type')}); use flash_sd.py for it")
