@@ -530,7 +530,8 @@ def find_resume(args):
         raise common.UsageError(f"--output_dir {out}: cannot write there ({e.strerror}); choose "
                                 "a writable folder") from None
     if args.resume == "latest" and not found:
-        raise common.UsageError(f"--resume latest: no checkpoint in {out}/checkpoints; drop it")
+        raise common.UsageError(f"--resume latest: no checkpoint in {out}/checkpoints; drop "
+                                "--resume to start a new run")
     given = args.resume not in (None, "latest")
     if given and not os.path.isfile(os.path.join(args.resume, "training_state.pt")):
         raise common.UsageError(f"--resume {args.resume}: no training_state.pt there; give a "
@@ -556,14 +557,15 @@ def setup(args, argv):
     if ddp:
         dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
-    if rank == 0 and args.overwrite and not args.resume:
-        for name in ("checkpoints", "samples", "metrics.jsonl", "log.txt"):
-            shutil.rmtree(os.path.join(args.output_dir, name), ignore_errors=True)
-            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
-                os.remove(os.path.join(args.output_dir, name))
-    os.makedirs(os.path.join(args.output_dir, "checkpoints"), exist_ok=True)
-    os.makedirs(os.path.join(args.output_dir, "samples"), exist_ok=True)
-    barrier()
+    for name in ("checkpoints", "samples", "metrics.jsonl", "log.txt") if rank == 0 else ():
+        path = os.path.join(args.output_dir, name)
+        if args.overwrite and not args.resume and os.path.isdir(path):
+            shutil.rmtree(path)  # --overwrite: the earlier run's outputs go
+        if args.overwrite and not args.resume and os.path.isfile(path):
+            os.remove(path)
+        if "." not in name:
+            os.makedirs(path, exist_ok=True)
+    barrier()  # the other ranks wait for the folders
     log = logging.getLogger(NAME)
     log.handlers = [logging.NullHandler()]
     log.propagate = False

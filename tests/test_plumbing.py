@@ -63,7 +63,7 @@ def test_the_plumbing_defines_the_functions_main_calls_and_nothing_else_defines_
 
 
 def depth(node, level=0):
-    """The deepest nesting of compound statements under node (a function body is level 1)."""
+    """The deepest nesting under node: `level` for its own body, one more inside each compound statement."""
     compound = (ast.If, ast.For, ast.While, ast.With, ast.Try, ast.FunctionDef)
     inner = [depth(child, level + isinstance(child, compound)) for child in ast.iter_child_nodes(node)
              if isinstance(child, ast.stmt)]
@@ -77,7 +77,7 @@ def test_the_script_reads_within_its_budget(name):
     assert not long_lines, f"{name}.py: lines over 100 columns: {long_lines[:10]}"
     main = next(n for n in ast.parse(text).body if isinstance(n, ast.FunctionDef) and n.name == "main")
     assert main.end_lineno - main.lineno + 1 <= 90
-    assert depth(main) <= 5
+    assert depth(main, level=1) <= 5  # main's body is level 1; the old main() reached 7
 
 
 @pytest.mark.parametrize("name", sorted(SCRIPTS))
