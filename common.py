@@ -374,12 +374,28 @@ def lcm_boundary(t, sigma_data=0.5, timestep_scaling=10.0):
     return c_skip, c_out
 
 
-def lcm_x0(x_t, eps, t, alphas_cumprod):
-    """The student's one-step output: its epsilon prediction at t (B,) turned into x0, then the boundary
-    scalings, x_hat = c_skip x_t + c_out x0 (what LCMScheduler returns as `denoised`)."""
+PREDICTION_TYPES = ("epsilon", "v_prediction")  # what a UNet script's x0 formulas handle
+
+
+def x0_and_eps(out, x_t, a, prediction_type="epsilon"):
+    """A denoiser's output at x_t as (x0, eps); a: abar at its timestep, broadcast to x_t. v is
+    turned into x0 directly, so x0 stays finite where a zero-terminal-SNR schedule has abar = 0
+    (the epsilon route divides by sqrt(abar))."""
+    if prediction_type == "epsilon":
+        return (x_t - (1 - a).sqrt() * out) / a.sqrt(), out
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x_t - (1 - a).sqrt() * out, (1 - a).sqrt() * x_t + a.sqrt() * out
+    raise ValueError(f"unknown prediction type {prediction_type!r}; known: {PREDICTION_TYPES}")
+
+
+def lcm_x0(x_t, out, t, alphas_cumprod, prediction_type="epsilon"):
+    """The student's one-step output: its prediction at t (B,) (epsilon or v) turned into x0, then
+    the boundary scalings, x_hat = c_skip x_t + c_out x0 (LCMScheduler's `denoised`)."""
     a = bcast(alphas_cumprod[t], x_t)
     c_skip, c_out = (bcast(c, x_t) for c in lcm_boundary(t.float()))
-    return c_skip * x_t + c_out * (x_t - (1 - a).sqrt() * eps) / a.sqrt()
+    if prediction_type == "epsilon":  # this order of operations, bit for bit as before v existed
+        return c_skip * x_t + c_out * (x_t - (1 - a).sqrt() * out) / a.sqrt()
+    return c_skip * x_t + c_out * x0_and_eps(out, x_t, a, prediction_type)[0]
 
 
 def bcast(a, x):
@@ -447,12 +463,15 @@ def make_lpips():
             "~/.cache/torch/hub/checkpoints/ (or $TORCH_HOME/hub/checkpoints/), or use --distill_loss l2") from e
 
 
-def dmd_loss(x_hat, y, e_real, e_fake, alphas_cumprod_t2):
-    """Distribution matching given the denoiser outputs at y = renoise(x_hat, n, t2):
+def dmd_loss(x_hat, y, e_real, e_fake, alphas_cumprod_t2, prediction_type="epsilon"):
+    """Distribution matching given the denoiser outputs (epsilon or v) at y = renoise(x_hat, n, t2):
     e_real: teacher with CFG (real score), e_fake: student (fake score). The gradient on x_hat is
     2 / N * wgt * (x0_fake - x0_real), written as an MSE to a detached target."""
     x_hat, y, e_real, e_fake = x_hat.float(), y.float(), e_real.float(), e_fake.float()
     a = bcast(alphas_cumprod_t2, x_hat)
+    if prediction_type != "epsilon":  # x0 straight from the outputs: finite at abar = 0
+        x0_real = x0_and_eps(e_real, y, a, prediction_type)[0]
+        return dmd_from_x0(x_hat, x0_and_eps(e_fake, y, a, prediction_type)[0] - x0_real, x0_real)
     coeff = (e_real - e_fake) * (1 - a).sqrt() / a.sqrt()  # = x0_fake - x0_real
     x0_real = (y - (1 - a).sqrt() * e_real) / a.sqrt()
     return dmd_from_x0(x_hat, coeff, x0_real)

@@ -50,7 +50,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, LCMScheduler,
-                       StableDiffusionXLAdapterPipeline, T2IAdapter, UNet2DConditionModel)
+                       StableDiffusionXLAdapterPipeline, StableDiffusionXLPipeline, T2IAdapter,
+                       UNet2DConditionModel)
 from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_kohya
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -91,6 +92,7 @@ DEFAULT_PROMPTS = [
     "a bowl of ramen on a wooden table, studio lighting",
     "a watercolor painting of a lighthouse on a cliff",
 ]
+SINGLE_FILE = (".safetensors", ".ckpt")  # --model as one checkpoint file (most fine-tunes)
 # the repeated blocks --compile compiles in place (one graph per class and shape, seconds each)
 COMPILE_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
 MAX_NONFINITE = 5  # non-finite losses in a row before training stops
@@ -102,7 +104,11 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # data and model
-    a("--model", default=MODEL, help="hub id or local diffusers folder")
+    a("--model", default=MODEL,
+      help="hub id, local diffusers folder, or one .safetensors/.ckpt file (with --base_model)")
+    a("--base_model", default=None,
+      help="with a single-file --model: its base model's diffusers folder or hub id (configs "
+      "and tokenizers); the file is converted once into OUTPUT_DIR/model")
     a("--adapter", default=ADAPTER, help="T2I-Adapter: hub id or local folder")
     a("--adapter_conditioning_scale", type=float, default=ADAPTER_SCALE,
       help="scale of the adapter's residuals")
@@ -167,20 +173,27 @@ def check_args(args):
     """This backbone's start-up checks of --model and --resolution, before any model loads; a
     UsageError names the flag and the fix (check_flags checks what every script checks)."""
     layout = "an SDXL layout (vae/, unet/, scheduler/) and a T2I-Adapter config"
+    source = config_source(args)
     try:
-        vae_cfg = AutoencoderKL.load_config(args.model, subfolder="vae")
-        sched_cfg = DPMSolverMultistepScheduler.load_config(args.model, subfolder="scheduler")
+        vae_cfg = AutoencoderKL.load_config(source, subfolder="vae")
+        sched_cfg = DPMSolverMultistepScheduler.load_config(source, subfolder="scheduler")
         T2IAdapter.load_config(args.adapter)
-        unet_cfg = UNet2DConditionModel.load_config(args.model, subfolder="unet")
+        unet_cfg = UNet2DConditionModel.load_config(source, subfolder="unet")
     except Exception as e:
+        if source != args.model:
+            raise common.UsageError(f"--base_model {source}: cannot read {layout} there: "
+                                    f"{one_line(e)}") from e
         if not os.path.isdir(args.model) and os.path.isdir(args.adapter):  # a failed download
             raise model_error(args.model, layout, e) from e
         raise common.UsageError(f"--model {args.model} / --adapter {args.adapter}: cannot read "
                                 f"{layout} there: {one_line(e)}") from e
-    if sched_cfg.get("prediction_type", "epsilon") != "epsilon":  # x0 from v differs
-        predicts = sched_cfg["prediction_type"]
+    predicts = sched_cfg.get("prediction_type", "epsilon")  # read, never assumed
+    if predicts not in common.PREDICTION_TYPES:
         raise common.UsageError(f"--model {args.model}: its scheduler's prediction_type is "
-                                f"{predicts}; this script distils epsilon-prediction models only")
+                                f"{predicts}; this script distils epsilon and v_prediction models")
+    if sched_cfg.get("rescale_betas_zero_snr") and predicts == "epsilon":  # abar[999] = 0
+        raise common.UsageError(f"--model {args.model}: zero terminal SNR with epsilon prediction "
+                                "has no x0 at t = 999; its scheduler needs v_prediction")
     if unet_cfg.get("addition_embed_type") != "text_time":
         raise common.UsageError(f"--model {args.model}: not an SDXL UNet (addition_embed_type "
                                 f"{unet_cfg.get('addition_embed_type')}); use flash_sd.py for it")
@@ -226,24 +239,71 @@ def edge_input(sample, img, resolution, edge_key, channels):
     return dict(edges=edges[None].expand(channels, -1, -1).contiguous())
 
 
+def config_source(args):
+    """Where --model's configs are read: --model itself, or for a single-file checkpoint the
+    base model --base_model names (one is required with the other)."""
+    single = args.model.endswith(SINGLE_FILE) or os.path.isfile(args.model)
+    if single and not (args.model.endswith(SINGLE_FILE) and os.path.isfile(args.model)):
+        raise common.UsageError(f"--model {args.model}: no such .safetensors or .ckpt file; give a "
+                                "single-file checkpoint, a diffusers folder or a hub id")
+    if single and args.base_model is None:
+        raise common.UsageError(f"--model {args.model}: a single file; name its base model's "
+                                "diffusers folder or hub id with --base_model")
+    if args.base_model is not None and not single:
+        raise common.UsageError(f"--base_model: only with a single-file --model; {args.model} is "
+                                "a folder or hub id, whose own configs are read: drop it")
+    return args.base_model if single else args.model
+
+
 # ----------------------------------------------------------------------------------------------
 # the backbone: loading, text encoding, denoiser calls, features for the discriminator
 # ----------------------------------------------------------------------------------------------
+
+def diffusers_folder(args, device):
+    """--model as a diffusers folder: itself, or for a single file OUTPUT_DIR/model, converted
+    by rank 0 with from_single_file (configs and tokenizers from --base_model) while the other
+    ranks wait. converted_from.json names the file: a resumed run loads the folder as it is."""
+    if args.base_model is None:
+        return args.model
+    folder = os.path.join(args.output_dir, "model")
+    origin = json.dumps(dict(model=os.path.abspath(args.model), base_model=args.base_model,
+                             bytes=os.path.getsize(args.model),
+                             mtime=os.path.getmtime(args.model)))
+    marker, failed = os.path.join(folder, "converted_from.json"), None
+    with contextlib.suppress(OSError), open(marker) as f:
+        origin = None if f.read() == origin else origin  # None: converted already
+    if origin and (not dist.is_initialized() or dist.get_rank() == 0):
+        try:
+            pipe = StableDiffusionXLPipeline.from_single_file(args.model, config=args.base_model)
+            shutil.rmtree(folder + ".tmp", ignore_errors=True)
+            pipe.save_pretrained(folder + ".tmp")
+            with open(os.path.join(folder + ".tmp", "converted_from.json"), "w") as f:
+                f.write(origin)
+            shutil.rmtree(folder, ignore_errors=True)
+            os.rename(folder + ".tmp", folder)
+        except Exception as e:
+            failed = (f"--model {args.model}: from_single_file with --base_model "
+                      f"{args.base_model} failed ({one_line(e)}); check that both are one family")
+    if any_rank(device, failed is not None)[0]:  # also the other ranks' wait
+        raise common.UsageError(failed or f"--model {args.model}: rank 0 could not convert it")
+    return folder
+
 
 def build(args, device):
     """Everything a training step reads, loaded once. The student is the UNet with its LoRA; the
     teacher is the same UNet with the LoRA disabled (`teacher_mode`): one copy of the weights."""
     bf16 = args.mixed_precision == "bf16" and device.type == "cuda"
     dtype = torch.bfloat16 if bf16 else torch.float32
-    tokenizers = [CLIPTokenizer.from_pretrained(args.model, subfolder=f)
+    model = diffusers_folder(args, device)  # a single file: converted once
+    tokenizers = [CLIPTokenizer.from_pretrained(model, subfolder=f)
                   for f in ("tokenizer", "tokenizer_2")]
     text_encoders = [
-        CLIPTextModel.from_pretrained(args.model, subfolder="text_encoder", dtype=dtype),
-        CLIPTextModelWithProjection.from_pretrained(args.model, subfolder="text_encoder_2",
+        CLIPTextModel.from_pretrained(model, subfolder="text_encoder", dtype=dtype),
+        CLIPTextModelWithProjection.from_pretrained(model, subfolder="text_encoder_2",
                                                     dtype=dtype)]
     # bf16 on GPU: SDXL's VAE overflows in fp16 (hence stock pipelines' fp32 upcast), not in bf16
-    vae = AutoencoderKL.from_pretrained(args.model, subfolder="vae", dtype=dtype)
-    unet = UNet2DConditionModel.from_pretrained(args.model, subfolder="unet", dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(model, subfolder="vae", dtype=dtype)
+    unet = UNet2DConditionModel.from_pretrained(model, subfolder="unet", dtype=dtype)
     for module in (*text_encoders, vae, unet):
         module.requires_grad_(False).eval().to(device)
     unet.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha,
@@ -254,7 +314,7 @@ def build(args, device):
     if args.gradient_checkpointing:  # the UNet, and the VAE decoder LPIPS backpropagates through
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
-    sched_config = DPMSolverMultistepScheduler.load_config(args.model, subfolder="scheduler")
+    sched_config = DPMSolverMultistepScheduler.load_config(model, subfolder="scheduler")
     teacher_sched = DPMSolverMultistepScheduler.from_config(
         sched_config, algorithm_type="dpmsolver++", solver_order=2, timestep_spacing="trailing",
         final_sigmas_type="zero")
@@ -276,7 +336,10 @@ def build(args, device):
     return SimpleNamespace(
         device=device, tokenizers=tokenizers, text_encoders=text_encoders, vae=vae, denoiser=unet,
         adapter=adapter, teacher_sched=teacher_sched, sched_config=sched_config, lpips=lpips,
-        alphas_cumprod=teacher_sched.alphas_cumprod.to(device, torch.float32),
+        # abar as LCMScheduler (the student's sampler) has it: DPM-Solver moves a zero-SNR
+        # abar[999] = 0 to 2**-24; the x0 formulas take v straight, finite at 0
+        alphas_cumprod=LCMScheduler.from_config(sched_config).alphas_cumprod.to(device),
+        prediction_type=teacher_sched.config.prediction_type,  # epsilon or v_prediction
         disc=make_discriminator(f.shape[1], f.shape[-1]).to(device),
         decode=lambda z: vae.decode(z / vae.config.scaling_factor).sample,
         start_probs=[common.start_index_probs(args.num_teacher_steps, p, args.timestep_distribution)
@@ -357,19 +420,13 @@ def mid_features(unet, x, t, cond):
 
 
 @contextlib.contextmanager
-def teacher_mode(unet, no_checkpointing=False):
-    """LoRA off: the UNet is the frozen teacher. Gradient checkpointing would recompute this pass
-    during backward with the LoRA back on, so the passes that backpropagate here turn it off."""
-    ckpt = no_checkpointing and unet.is_gradient_checkpointing
+def teacher_mode(unet):
+    """LoRA off: the UNet is the frozen teacher."""
     unet.disable_adapters()
-    if ckpt:
-        unet.disable_gradient_checkpointing()
     try:
         yield
     finally:
         unet.enable_adapters()
-        if ckpt:
-            unet.enable_gradient_checkpointing()
 
 
 @torch.no_grad()
@@ -392,7 +449,7 @@ def student_sample(m, z0, k, cond, K):
     x = torch.randn_like(z0)
     for j in range(0, k, K // 4):
         tj = ts[j].expand(B)
-        x0 = common.lcm_x0(x, denoise(m.denoiser, x, tj, cond), tj, abar)
+        x0 = common.lcm_x0(x, denoise(m.denoiser, x, tj, cond), tj, abar, m.prediction_type)
         if j + K // 4 < k:
             x = common.renoise(x0, torch.randn_like(z0), ts[j + K // 4].expand(B), abar)
     return x0
@@ -448,10 +505,10 @@ def train_step(m, student, disc, batch, step, args):
         with autocast:  # from the student's own outputs, not data
             x_t = common.renoise(student_sample(m, z0, k, cond, K), eps, t, abar)
 
-    # 3. student: one step, x0 from its epsilon with the LCM boundary scalings
+    # 3. student: one step, x0 from its epsilon or v with the LCM boundary scalings
     with autocast:
         eps_s = denoise(student, x_t, t, cond)
-    x_hat = common.lcm_x0(x_t, eps_s, t, abar)
+    x_hat = common.lcm_x0(x_t, eps_s, t, abar, m.prediction_type)
 
     # 4. teacher: solve from ts[k] to 0 with CFG, w ~ U[g_min, g_max] once per batch
     w = float(torch.empty(()).uniform_(args.guidance_min, args.guidance_max))
@@ -476,7 +533,8 @@ def train_step(m, student, disc, batch, step, args):
                 with teacher_mode(m.denoiser):
                     e_real = cfg_eps(m.denoiser, y, t2, cond, uncond, w2)
                 e_fake = denoise(m.denoiser, y, t2, cond)
-            losses["dmd"] = common.dmd_loss(x_hat, y, e_real, e_fake, abar[t2])
+            losses["dmd"] = common.dmd_loss(x_hat, y, e_real, e_fake, abar[t2],
+                                            m.prediction_type)
         # 5c. GAN: frozen-teacher mid-block features of re-noised fake and real latents, same noise
         levels = torch.tensor(GAN_TIMESTEPS, device=dev)
         s = levels[torch.randint(0, len(GAN_TIMESTEPS), (B,), device=dev)]
@@ -488,13 +546,20 @@ def train_step(m, student, disc, batch, step, args):
         with torch.no_grad(), teacher_mode(m.denoiser):
             real_in = common.renoise(real, n, s_noise, abar)
             f_real = mid_features(m.denoiser, real_in, s, cond).float()
-        with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.denoiser, no_checkpointing=True):
-            f_fake = mid_features(m.denoiser, fake_in, s, cond).float()
-        if l_adv > 0:
-            m.disc.requires_grad_(False)  # D is not trained by the generator's loss
-            losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
+        # checkpointing would recompute the fake half in the generator's backward, LoRA back on:
+        # then the gradient w.r.t. its input is taken here, LoRA off, and carried into that one
+        ckpt, carried = l_adv > 0 and m.denoiser.is_gradient_checkpointing, zero
+        fake = fake_in.detach().requires_grad_() if ckpt else fake_in
+        with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.denoiser):
+            f_fake = mid_features(m.denoiser, fake, s, cond).float()
+            if l_adv > 0:
+                m.disc.requires_grad_(False)  # D is not trained by the generator's loss
+                losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
+            if ckpt:  # d/d(fake_in) of (fake_in * g).sum() is g: the same update
+                g = torch.autograd.grad(l_adv * losses["adv"], fake)[0]
+                carried, losses["adv"] = (fake_in * g).sum(), losses["adv"].detach()
     loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
-    loss_g.backward()
+    (loss_g + carried).backward()
     m.disc.requires_grad_(True)
 
     # 6. discriminator on the detached fake (and real) features, in every phase

@@ -293,19 +293,10 @@ def cfg_eps(net, x, t, cond, uncond, w):
 
 
 @contextlib.contextmanager
-def teacher_mode(net, no_checkpointing=False):
-    """LoRA off: the transformer is the frozen teacher. Gradient checkpointing would recompute
-    this pass during backward with the LoRA back on, so the passes that backpropagate here turn it
-    off."""
-    ckpt = no_checkpointing and net.is_gradient_checkpointing
-    if ckpt:
-        net.disable_gradient_checkpointing()
-    try:
-        with net.disable_adapter():
-            yield
-    finally:
-        if ckpt:
-            net.enable_gradient_checkpointing()
+def teacher_mode(net):
+    """LoRA off: the transformer is the frozen teacher."""
+    with net.disable_adapter():
+        yield
 
 
 @torch.no_grad()
@@ -423,13 +414,20 @@ def train_step(m, student, disc, batch, step, args):
         with torch.no_grad(), teacher_mode(m.denoiser):
             real_in = common.renoise(real, n, s_noise, abar)
             f_real = denoise(m.denoiser, real_in, s, cond).float()
-        with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.denoiser, no_checkpointing=True):
-            f_fake = denoise(m.denoiser, fake_in, s, cond).float()
-        if l_adv > 0:
-            m.disc.requires_grad_(False)  # D is not trained by the generator's loss
-            losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
+        # checkpointing would recompute the fake half in the generator's backward, LoRA back on:
+        # then the gradient w.r.t. its input is taken here, LoRA off, and carried into that one
+        ckpt, carried = l_adv > 0 and m.denoiser.is_gradient_checkpointing, zero
+        fake = fake_in.detach().requires_grad_() if ckpt else fake_in
+        with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.denoiser):
+            f_fake = denoise(m.denoiser, fake, s, cond).float()
+            if l_adv > 0:
+                m.disc.requires_grad_(False)  # D is not trained by the generator's loss
+                losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
+            if ckpt:  # d/d(fake_in) of (fake_in * g).sum() is g: the same update
+                g = torch.autograd.grad(l_adv * losses["adv"], fake)[0]
+                carried, losses["adv"] = (fake_in * g).sum(), losses["adv"].detach()
     loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
-    loss_g.backward()
+    (loss_g + carried).backward()
     m.disc.requires_grad_(True)
 
     # 6. discriminator on the detached fake (and real) features, in every phase

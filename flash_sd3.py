@@ -1,4 +1,4 @@
-"""Flash Diffusion for Stable Diffusion 3: distil the MMDiT into a 1-4 step LoRA student.
+"""Flash Diffusion for Stable Diffusion 3 and 3.5: distil the MMDiT into a 1-4 step LoRA student.
 
 Chadebec et al., "Flash Diffusion: Accelerating Any Conditional Diffusion Model for Few Steps Image
 Generation", arXiv 2406.02347. The student (transformer + LoRA) learns to reach in one step what the
@@ -9,14 +9,18 @@ phase.
 
 SD3 specifics: flow matching (x_t = sigma eps + (1 - sigma) z0; the network predicts the velocity
 v = eps - z0 at t = 1000 sigma, so x0 = x_t - sigma v); two CLIP encoders (penultimate states padded
-to the joint width, pooled projections concatenated) and T5, off by default (its 256 tokens are then
-zeros, as in the stock pipeline without T5); a fixed negative prompt as the unconditional input; the
-VAE's shift_factor applied on encode and decode; a discriminator on the frozen teacher's velocity
-prediction of the re-noised sample.
+to the joint width, pooled projections concatenated) and T5 (without it, its 256 tokens are zeros,
+as in the stock pipeline without T5); a fixed negative prompt as the unconditional input; the VAE's
+shift_factor applied on encode and decode; a discriminator on the frozen teacher's velocity
+prediction of the re-noised sample. SD3.5 Medium and Large train with the same recipe; the teacher's
+CFG range, the validation teacher and T5 follow the model (PER_MODEL, read from --model).
 
 Launch (defaults are the paper's SD3 settings; phase lengths count generator updates):
     # one GPU
     python flash_sd3.py --shards "data/{00000..00999}.tar" --output_dir runs/flash_sd3
+    # SD3.5 Large (its CFG range and T5 come with it), checkpointing to fit 80 GB
+    python flash_sd3.py --model stabilityai/stable-diffusion-3.5-large --gradient_checkpointing \
+        --shards "data/{00000..00999}.tar" --output_dir runs/flash_sd35_large
     # one node, 8 GPUs
     torchrun --standalone --nproc_per_node=8 flash_sd3.py --shards "data/{00000..00999}.tar"
     # two nodes (the same command on each; $MASTER is the first node's address)
@@ -71,7 +75,22 @@ RESOLUTION = 1024  # training resolution (square)
 BATCH_SIZE = 2  # images per GPU per generator update
 NUM_TEACHER_STEPS = 32  # K: flow-matching Euler steps of the teacher's full solve
 PHASE_STEPS = [2500] * 4  # generator updates per phase
-GUIDANCE = (7.0, 13.0)  # teacher CFG scale w ~ U[min, max], one per batch
+# per model (model_family reads --model's transformer config; a flag that is given wins): the
+# teacher's CFG range w ~ U[min, max] (one w per batch), the validation grid's teacher (Euler steps
+# and CFG) and T5. SD3 Medium: the paper's range; the stock pipeline's 28 steps at CFG 7; T5 off,
+# as released. SD3.5 (no Flash release; this project's choice): each model card's sampler (Medium
+# 40 steps at CFG 4.5, Large 28 at 3.5) for the validation teacher, and w within 1 of the card's
+# CFG: training centred on it, covering the 3.5-4.5 Stability recommends for both (SD3's U[7, 13]
+# is twice that). T5 on: the cards sample with it, and their prompt following and lettering rely
+# on it (4.7B frozen parameters, 9.5 GB in bf16, on each GPU)
+PER_MODEL = {
+    "SD3 Medium": dict(guidance_min=7.0, guidance_max=13.0, validation_teacher_steps=28,
+                       validation_teacher_guidance=7.0, use_t5=False),
+    "SD3.5 Medium": dict(guidance_min=3.5, guidance_max=5.5, validation_teacher_steps=40,
+                         validation_teacher_guidance=4.5, use_t5=True),
+    "SD3.5 Large": dict(guidance_min=2.5, guidance_max=4.5, validation_teacher_steps=28,
+                        validation_teacher_guidance=3.5, use_t5=True),
+}
 DISTILL_WEIGHTS = [1.0, 1.0, 1.0, 1.0]  # lambda_dist per phase
 DMD_WEIGHTS = [0.0, 0.3, 0.5, 0.7]  # lambda_dmd per phase
 ADV_WEIGHTS = [0.0, 0.1, 0.3, 0.5]  # lambda_adv per phase
@@ -81,7 +100,8 @@ LORA_RANK, LORA_ALPHA, LORA_INIT = 64, 8, True
 # PixArt's list. On SD3-medium: in each block attn.to_q/k/v/out.0, ff.net.0.proj, ff.net.2,
 # ff_context.net.0.proj and the adaLN norm1(_context).linear; the patch conv, the timestep and
 # pooled-text embedders, norm_out.linear and proj_out (with the head: the paper's published 90.4M
-# trainable parameters at rank 64)
+# trainable parameters at rank 64). SD3.5 Medium's dual-attention blocks add attn2.to_q/k/v/out.0
+# (their norm1.linear is hit as before): LoRA 101.7M; SD3.5 Large (38 blocks): 219.3M
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj",
                 "ff.net.2", "proj", "linear", "linear_1", "linear_2"]
 # training-grid sigmas the discriminator sees: 0.029, 0.5, 0.75, 0.9 (shift 3)
@@ -108,7 +128,7 @@ NAME = "flash_sd3"  # the default output folder, the log, the progress bar, the 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     a = p.add_argument
     # data and model
     a("--model", default=MODEL, help="hub id or local diffusers folder")
@@ -119,8 +139,8 @@ def parse_args(argv=None):
     a("--min_aesthetic", type=float, default=MIN_AESTHETIC, help="keep scores >= this; <0: off")
     a("--aesthetic_key", default="aesthetic_score", help="json key that --min_aesthetic reads")
     a("--num_workers", type=non_negative_int, default=4, help="data loading processes per GPU")
-    a("--use_t5", action="store_true",
-      help="encode prompts with T5 too (off: zero T5 tokens, as released)")
+    a("--use_t5", action=argparse.BooleanOptionalAction, default=None,
+      help=f"encode prompts with T5 too (off: zero T5 tokens); {per_model('use_t5')}")
     a("--negative_prompt", default=NEGATIVE_PROMPT,
       help="the unconditional input of CFG ('' allowed)")
     # schedule: 4 phases (paper section 3.2)
@@ -134,8 +154,10 @@ def parse_args(argv=None):
     a("--backward_sim", type=probability, default=0.0,
       help="probability that x_t for k > 0 comes from the student's own 4-step sampler (detached), "
       "not from data (DMD2's backward simulation; 0: the paper's recipe)")
-    a("--guidance_min", type=float, default=GUIDANCE[0], help="CFG w ~ U[min, max], one per batch")
-    a("--guidance_max", type=float, default=GUIDANCE[1], help="see --guidance_min")
+    a("--guidance_min", type=float, default=None,
+      help=f"CFG w ~ U[min, max], one per batch; {per_model('guidance_min')}")
+    a("--guidance_max", type=float, default=None,
+      help=f"see --guidance_min; {per_model('guidance_max')}")
     # losses
     a("--distill_loss", default="lpips", choices=["lpips", "l2", "l1"], help="student vs teacher")
     a("--distill_weights", type=float, nargs=4, default=DISTILL_WEIGHTS,
@@ -164,7 +186,42 @@ def parse_args(argv=None):
     a("--resume", default=None, help="'latest' or a checkpoints/step_NNNNNN folder")
     a("--overwrite", action="store_true", help="start a new run in an output_dir that holds one")
     a("--validation_prompts", nargs="+", default=DEFAULT_PROMPTS, help="the sample grids' prompts")
-    return p.parse_args(argv)
+    a("--validation_teacher_steps", type=positive_int, default=None,
+      help=f"Euler steps of the grids' teacher column; {per_model('validation_teacher_steps')}")
+    a("--validation_teacher_guidance", type=float, default=None,
+      help=f"its CFG scale; {per_model('validation_teacher_guidance')}")
+    args = p.parse_args(argv)
+    for flag, value in PER_MODEL[model_family(args.model)].items():
+        if getattr(args, flag) is None:  # not given: this model's value
+            setattr(args, flag, value)
+    return args
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """-h with each default; the flags that default per model (None) list their values instead."""
+
+    def _get_help_string(self, action):
+        per = action.dest in PER_MODEL["SD3 Medium"]
+        return action.help if per else super()._get_help_string(action)
+
+
+def per_model(flag):
+    """-h's text for a flag whose default is per model."""
+    return "default: per model: " + ", ".join(f"{k} {v[flag]}" for k, v in PER_MODEL.items())
+
+
+def model_family(model):
+    """The PER_MODEL entry of --model, from its transformer config: SD3.5 Medium has dual-attention
+    blocks (dual_attention_layers), SD3.5 Large (38 blocks) RMS qk-norm without them, SD3 Medium
+    neither. A config that does not load reads as SD3 Medium (the default model); check_args then
+    names the problem."""
+    try:
+        cfg = SD3Transformer2DModel.load_config(model, subfolder="transformer")
+    except Exception:
+        return "SD3 Medium"
+    if cfg.get("dual_attention_layers"):
+        return "SD3.5 Medium"
+    return "SD3.5 Large" if cfg.get("qk_norm") == "rms_norm" else "SD3 Medium"
 
 
 def check_args(args):
@@ -187,8 +244,8 @@ def check_args(args):
         except OSError:
             t5_config = None
         if t5_config is None:
-            raise common.UsageError(f"--use_t5: --model {args.model} has no T5 encoder "
-                                    "(text_encoder_3/); drop --use_t5")
+            raise common.UsageError(f"--use_t5 (SD3.5's default): --model {args.model} has no T5 "
+                                    "encoder (text_encoder_3/); pass --no-use_t5")
     # the latent must split into patches (as the stock pipeline checks), and fit the position
     # embedding
     down = 2 ** (len(vae_cfg["block_out_channels"]) - 1) * net_cfg["patch_size"]
@@ -322,20 +379,13 @@ def cfg_v(net, x, sigma, cond, uncond, w):
 
 
 @contextlib.contextmanager
-def teacher_mode(net, no_checkpointing=False):
-    """LoRA off: the transformer is the frozen teacher. Gradient checkpointing would recompute this
-    pass during backward with the LoRA back on, so the passes that backpropagate here turn it
-    off."""
-    ckpt = no_checkpointing and net.is_gradient_checkpointing
+def teacher_mode(net):
+    """LoRA off: the transformer is the frozen teacher."""
     net.disable_adapters()
-    if ckpt:
-        net.disable_gradient_checkpointing()
     try:
         yield
     finally:
         net.enable_adapters()
-        if ckpt:
-            net.enable_gradient_checkpointing()
 
 
 @torch.no_grad()
@@ -459,13 +509,20 @@ def train_step(m, student, disc, batch, step, args):
         # the real half needs no gradient: run apart, it saves no activations for the backward
         with torch.no_grad(), teacher_mode(m.denoiser):
             f_real = denoise(m.denoiser, common.renoise_flow(real, n, s), s, cond).float()
-        with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.denoiser, no_checkpointing=True):
-            f_fake = denoise(m.denoiser, fake_in, s, cond).float()
-        if l_adv > 0:
-            m.disc.requires_grad_(False)  # D is not trained by the generator's loss
-            losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
+        # checkpointing would recompute the fake half in the generator's backward, LoRA back on:
+        # then the gradient w.r.t. its input is taken here, LoRA off, and carried into that one
+        ckpt, carried = l_adv > 0 and m.denoiser.is_gradient_checkpointing, zero
+        fake = fake_in.detach().requires_grad_() if ckpt else fake_in
+        with torch.set_grad_enabled(l_adv > 0), teacher_mode(m.denoiser):
+            f_fake = denoise(m.denoiser, fake, s, cond).float()
+            if l_adv > 0:
+                m.disc.requires_grad_(False)  # D is not trained by the generator's loss
+                losses["adv"] = common.gan_g_loss(m.disc(f_fake).float(), args.gan_loss)
+            if ckpt:  # d/d(fake_in) of (fake_in * g).sum() is g: the same update
+                g = torch.autograd.grad(l_adv * losses["adv"], fake)[0]
+                carried, losses["adv"] = (fake_in * g).sum(), losses["adv"].detach()
     loss_g = l_dist * losses["distill"] + l_dmd * losses["dmd"] + l_adv * losses["adv"]
-    loss_g.backward()
+    (loss_g + carried).backward()
     m.disc.requires_grad_(True)
 
     # 6. discriminator on the detached fake (and real) features, in every phase
@@ -483,9 +540,10 @@ def train_step(m, student, disc, batch, step, args):
 
 @torch.no_grad()
 def sample_grid(m, args, step):
-    """Teacher (flow-matching Euler, 28 steps, CFG 7 with the negative prompt: the stock pipeline's
-    defaults) beside the student (FlowMatchLCMScheduler at student_sigmas, 1/2/4 steps, no CFG), on
-    the validation prompts with a fixed generator; rows are prompts. Returns the PNG's path."""
+    """Teacher (flow-matching Euler at --validation_teacher_steps and _guidance, the model card's
+    sampler, with the negative prompt) beside the student (FlowMatchLCMScheduler at student_sigmas,
+    1/2/4 steps, no CFG), on the validation prompts with a fixed generator; rows are prompts.
+    Returns the PNG's path."""
     t5 = len(m.text_encoders) > 2
     pipe = StableDiffusion3Pipeline(
         transformer=m.denoiser, vae=m.vae,
@@ -515,8 +573,9 @@ def sample_grid(m, args, step):
     pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(m.sched_config)
     negative = [args.negative_prompt] * len(args.validation_prompts)
     with teacher_mode(m.denoiser):
-        teacher = run(num_inference_steps=28, guidance_scale=7.0, negative_prompt=negative)
-    columns = {"teacher 28 steps": teacher, **columns}
+        teacher = run(num_inference_steps=args.validation_teacher_steps,
+                      guidance_scale=args.validation_teacher_guidance, negative_prompt=negative)
+    columns = {f"teacher {args.validation_teacher_steps} steps": teacher, **columns}
     images = torch.stack(list(columns.values()), 1).flatten(0, 1)  # prompt-major: a row per prompt
     if images.shape[-1] < 128:  # tiny models: upscaled so the pictures and the labels can be seen
         images = F.interpolate(images, scale_factor=128 // images.shape[-1], mode="nearest")

@@ -41,7 +41,8 @@ import common  # noqa: E402
 # settings) default to the script's values; the teacher's steps and CFG to the pipeline's own defaults
 BACKBONES = {"sd": ("flash_sd", "StableDiffusionPipeline"), "sdxl": ("flash_sdxl", "StableDiffusionXLPipeline"),
              "adapter": ("flash_adapter", "StableDiffusionXLAdapterPipeline"),
-             "pixart": ("flash_pixart", "PixArtAlphaPipeline"), "sd3": ("flash_sd3", "StableDiffusion3Pipeline")}
+             "pixart": ("flash_pixart", "PixArtAlphaPipeline"), "sd3": ("flash_sd3", "StableDiffusion3Pipeline"),
+             "flux": ("flash_flux", "FluxPipeline")}
 SCRIPT_DEFAULTS = dict(model="MODEL", resolution="RESOLUTION", adapter="ADAPTER",
                        adapter_conditioning_scale="ADAPTER_SCALE", student_K="NUM_TEACHER_STEPS")
 NUM_IMAGES = 5000  # COCO-2017 val: 5k images, one caption each (the Flash SD model card)
@@ -76,7 +77,9 @@ def parse_args(argv=None):
     a("--adapter", default=None, help="adapter: the T2I-Adapter (none: flash_adapter.py's). The edge map of each "
       "prompt is cv2.Canny of its caption's reference image (flash_adapter.canny_edges): --prompts must be COCO json")
     a("--adapter_conditioning_scale", type=float, default=None, help="adapter: none: flash_adapter.py's")
-    a("--use_t5", action="store_true", help="sd3: load T5 (for a student trained with --use_t5)")
+    a("--use_t5", action=argparse.BooleanOptionalAction, default=None,
+      help="sd3: load T5 or not, as the student trained (default: flash_sd3.py's per-model default: off for "
+      "SD3 Medium, on for SD3.5)")
     a("--student_K", type=int, default=None, help="sd3: the run's --num_teacher_steps; the student samples at "
       "flash_sd3.student_sigmas of that K-step grid (none: flash_sd3.py's)")
     a("--clip_model", default=CLIP_MODEL, help="open_clip model name, or local-dir:FOLDER (open_clip_config.json "
@@ -146,6 +149,8 @@ def check_args(args):
     for flag, name in SCRIPT_DEFAULTS.items():  # a value the backbone's script lacks stays None
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(script, name, None))
+    if args.backbone == "sd3" and args.use_t5 is None:  # as flash_sd3.py trains this model by default
+        args.use_t5 = script.PER_MODEL[script.model_family(args.model)]["use_t5"]
     return script, prompts[:args.num_images], files
 
 
@@ -155,13 +160,15 @@ def check_args(args):
 
 def model_rows(args):
     """{row: (steps, CFG scale, NFE)}: the teacher at the stock pipeline's steps and CFG unless given, then the
-    student at each of --student_steps without CFG. NFE counts a CFG step as 2 network evaluations."""
+    student at each of --student_steps without CFG. NFE counts a CFG step as 2 network evaluations. FLUX.1-dev
+    takes its guidance as an input of one pass: the student keeps the teacher's guidance scale, one NFE a step."""
     import diffusers
     call = inspect.signature(getattr(diffusers, BACKBONES[args.backbone][1]).__call__).parameters
     steps = args.teacher_steps or call["num_inference_steps"].default
     w = call["guidance_scale"].default if args.teacher_guidance is None else args.teacher_guidance
-    rows = {"teacher": (steps, w, 2 * steps if w > 1 else steps)}
-    return {**rows, **{f"student_{n}": (n, 0.0, n) for n in args.student_steps}}
+    embedded = args.backbone == "flux"
+    rows = {"teacher": (steps, w, 2 * steps if w > 1 and not embedded else steps)}
+    return {**rows, **{f"student_{n}": (n, w if embedded else 0.0, n) for n in args.student_steps}}
 
 
 def load_pipeline(args, device, dtype):
@@ -171,7 +178,7 @@ def load_pipeline(args, device, dtype):
         kw.update(safety_checker=None, requires_safety_checker=False)
     if args.backbone == "adapter":
         kw["adapter"] = diffusers.T2IAdapter.from_pretrained(args.adapter, dtype=dtype)
-    if args.backbone == "sd3" and not args.use_t5:  # as flash_sd3.py trains by default
+    if args.backbone == "sd3" and not args.use_t5:  # as flash_sd3.py trains SD3 Medium by default
         kw.update(text_encoder_3=None, tokenizer_3=None)
     pipe = getattr(diffusers, BACKBONES[args.backbone][1]).from_pretrained(args.model, **kw).to(device)
     pipe.set_progress_bar_config(disable=True)
@@ -188,6 +195,10 @@ def load_student(pipe, args, script):
     else:
         pipe.load_lora_weights(args.student)
     config = pipe.scheduler.config
+    if args.backbone == "flux":  # the stock few-step grid, which flash_flux.py trains on, at the model's guidance
+        pipe.scheduler = FlowMatchLCMScheduler.from_config(config)
+        w = model_rows(args)["teacher"][1]
+        return lambda n: dict(num_inference_steps=n, guidance_scale=w)
     if args.backbone != "sd3":
         pipe.scheduler = LCMScheduler.from_config(config, timestep_spacing="trailing")
         return lambda n: dict(num_inference_steps=n, guidance_scale=0.0)

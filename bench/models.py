@@ -40,6 +40,9 @@ SCALED_LINEAR = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.01
 LINEAR = dict(num_train_timesteps=1000, beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
               prediction_type="epsilon")  # PixArt-alpha
 FLOW_SHIFT3 = dict(num_train_timesteps=1000, shift=3.0)  # SD3
+# FLUX.1-dev's scheduler config: the resolution-dependent shift (mu 0.5 at 256 tokens to 1.15 at 4096)
+FLOW_FLUX = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                 base_image_seq_len=256, max_image_seq_len=4096)
 
 TINY_UNET = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
                  down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -83,6 +86,13 @@ DENOISERS = {  # (class name in diffusers, config) per (backbone, size)
         sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
         joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
         pos_embed_max_size=192)),
+    ("flux", "tiny"): ("FluxTransformer2DModel", dict(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(4, 6, 6))),
+    ("flux", "real"): ("FluxTransformer2DModel", dict(  # FLUX.1-dev
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56))),
 }
 DENOISERS[("adapter", "real")] = DENOISERS[("sdxl", "real")]
 
@@ -171,6 +181,15 @@ def build_parts(backbone, size, device, seed=0):
                          text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**c2)),
                          vae=AutoencoderKL(**(tiny_vae(**vae) if tiny else real_vae(**dict(vae, sample_size=1024)))),
                          transformer=build_denoiser(backbone, size), scheduler=dict(FLOW_SHIFT3))
+        elif backbone == "flux":  # CLIP-L (its pooled output) and T5-XXL (width 4096: the joint width)
+            c1, c2 = clip_config(size, hidden_act="gelu") if tiny else clip_config(size), t5_config(size)
+            vae = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                       use_post_quant_conv=False)
+            parts = dict(tokenizer=clip_tokenizer(c1["vocab_size"]), tokenizer_2=t5_tokenizer(c2["vocab_size"]),
+                         text_encoder=CLIPTextModel(CLIPTextConfig(**c1)),
+                         text_encoder_2=T5EncoderModel(T5Config(**c2)),
+                         vae=AutoencoderKL(**(tiny_vae(**vae) if tiny else real_vae(**dict(vae, sample_size=1024)))),
+                         transformer=build_denoiser(backbone, size), scheduler=dict(FLOW_FLUX))
     return parts
 
 

@@ -43,7 +43,7 @@ from tqdm import tqdm  # noqa: E402
 import common  # noqa: E402
 from models import build_parts, models_from_memory  # noqa: E402  (bench/models.py)
 
-BACKBONES = ["sd", "sdxl", "adapter", "pixart", "sd3"]
+BACKBONES = ["sd", "sdxl", "adapter", "pixart", "sd3", "flux"]
 OUT_DIR = os.path.join("~", ".cache", "flash_speed")  # outside the repository: a run leaves it untouched
 
 
@@ -86,6 +86,9 @@ SPECS = {
                        notes=["T5: width 4096, 2 of T5-XXL's 24 layers at --size real"]),
     "sd3": Backbone("flash_sd3", notes=[
         "T5 as in the script's default (off unless its flag turns it on)",
+        "no reference pattern: it is written for epsilon prediction"]),
+    "flux": Backbone("flash_flux", notes=[
+        "T5: width 4096, 2 of T5-XXL's 24 layers at --size real; gradient checkpointing on (the script's default)",
         "no reference pattern: it is written for epsilon prediction"]),
 }
 
@@ -134,7 +137,8 @@ def build_step(name, opts, device):
     parts = build_parts(name, opts.size, device, args.seed)
     den = parts.get("unet", parts.get("transformer"))
     unit = 2 ** (len(parts["vae"].config.block_out_channels) - 1) * (
-        2 ** (len(den.config.block_out_channels) - 1) if "block_out_channels" in den.config else den.config.patch_size)
+        2 ** (len(den.config.block_out_channels) - 1) if "block_out_channels" in den.config
+        else 2 if name == "flux" else den.config.patch_size)  # FLUX: 2x2 packing
     if args.resolution % math.lcm(8, unit):
         raise ValueError(f"--resolution {args.resolution}: must be a multiple of {math.lcm(8, unit)} for {name}")
     params = sum(p.numel() for p in den.parameters())
@@ -397,6 +401,42 @@ def run_backbone(name, opts, device, log, res, save):
     save()
 
 
+def flux_memory(batch_size, resolution, opts=None):
+    """flash_flux.py's GPU memory at real size, estimated from the released configs on the meta device
+    (nothing is allocated): the frozen weights in bf16 (T5-XXL at its full 24 layers), the LoRA in fp32 with
+    its gradient, DDP's gradient bucket and AdamW's two moments, and what gradient checkpointing keeps per
+    sample and gradient pass (each block's input: image and text tokens at the joint width, bf16). Not
+    counted: the recomputed block, the VAE decode and LPIPS, allocator slack. GB: 1e9 bytes."""
+    from peft import LoraConfig
+    from transformers import T5Config, T5EncoderModel
+
+    import flash_flux
+    from models import t5_config
+    parts = build_parts("flux", "real", "meta")
+    with torch.device("meta"):
+        parts["text_encoder_2"] = T5EncoderModel(T5Config(**dict(t5_config("real"), num_layers=24)))
+        net = parts["transformer"].requires_grad_(False)
+        net.add_adapter(LoraConfig(r=flash_flux.LORA_RANK, lora_alpha=flash_flux.LORA_ALPHA,
+                                   target_modules=flash_flux.LORA_TARGETS))
+    count = {k: sum(p.numel() for n, p in parts[k].named_parameters() if "lora_" not in n)
+             for k in ("transformer", "text_encoder_2", "text_encoder", "vae")}
+    lora = sum(p.numel() for p in net.parameters() if p.requires_grad)
+    cfg = net.config
+    tokens = (resolution // 16) ** 2 + flash_flux.T5_TOKENS
+    width = cfg.num_attention_heads * cfg.attention_head_dim
+    per_pass = tokens * width * 2 * (cfg.num_layers + cfg.num_single_layers)
+    gb = dict(transformer=2 * count["transformer"], t5=2 * count["text_encoder_2"],
+              clip_and_vae=2 * (count["text_encoder"] + count["vae"]), lora_states=5 * 4 * lora,
+              checkpoints_per_sample_and_pass=per_pass)
+    gb = {k: v / 1e9 for k, v in gb.items()}
+    fixed = sum(v for k, v in gb.items() if k != "checkpoints_per_sample_and_pass")
+    # gradient passes held at once: the student's forward (until the backward), and the GAN's fake pass
+    out = dict(gb, params_m={k: v / 1e6 for k, v in dict(count, lora=lora).items()}, fixed=fixed,
+               batch_size=batch_size, resolution=resolution,
+               total=fixed + 2 * batch_size * gb["checkpoints_per_sample_and_pass"])
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------------
@@ -510,6 +550,8 @@ def parse_args(argv=None):
     a("--seed", type=int, default=0)
     a("--out", default=None, help=f"markdown file, the JSON beside it; default {OUT_DIR}/speed_<device>.md")
     a("--table", default=None, metavar="JSON", help="print the markdown of a saved JSON report and exit")
+    a("--memory_estimate", action="store_true",
+      help="flux: print the GPU memory estimate from the real configs (meta device, nothing run) and exit")
     opts = p.parse_args(argv)
     if opts.steps < 1 or opts.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
@@ -526,6 +568,15 @@ def main(argv=None):
         with open(opts.table) as f:
             print(markdown(json.load(f)), end="")
         return None
+    if opts.memory_estimate:
+        est = flux_memory(opts.batch_size or 2, opts.resolution or 1024)
+        print(f"flash_flux.py at {est['resolution']} px, batch {est['batch_size']} per GPU, gradient "
+              f"checkpointing (GB): frozen transformer {est['transformer']:.1f}, T5-XXL {est['t5']:.1f}, CLIP-L "
+              f"and VAE {est['clip_and_vae']:.1f}; LoRA with its gradient, DDP bucket and AdamW moments "
+              f"{est['lora_states']:.1f}; block inputs {est['checkpoints_per_sample_and_pass']:.2f} per sample "
+              f"and gradient pass (2 passes); total {est['total']:.1f}, before the recomputed block, the VAE "
+              "decode, LPIPS and allocator slack")
+        return est
     device = torch.device(opts.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device here")

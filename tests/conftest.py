@@ -17,7 +17,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "bench"))
-from models import DENOISERS, clip_config, t5_config, tiny_vae  # noqa: E402  (the tiny configs, shared)
+from models import DENOISERS, FLOW_FLUX, clip_config, t5_config, tiny_vae  # noqa: E402  (the tiny configs, shared)
 from toy import byte_chars  # noqa: E402  (GPT-2's byte map, shared with the toy benchmark)
 
 torch.set_num_threads(2)
@@ -41,6 +41,7 @@ SCRIPTS = {
     "flash_adapter": ("adapter_model", ["--adapter", "{model}/adapter"]),
     "flash_pixart": ("pixart_model", []),
     "flash_sd3": ("sd3_model", []),
+    "flash_flux": ("flux_model", []),
 }
 
 
@@ -142,6 +143,33 @@ def good_samples(n, rng, tag="", score=7.0):
 @pytest.fixture(scope="session")
 def sd_model(tmp_path_factory):
     return make_sd_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd"))
+
+
+def with_scheduler(model, path, **changes):
+    """A copy of the diffusers folder `model` at `path` whose scheduler config has `changes`."""
+    import shutil
+    shutil.copytree(model, path)
+    config = os.path.join(path, "scheduler", "scheduler_config.json")
+    with open(config) as f:
+        values = json.load(f)
+    with open(config, "w") as f:
+        json.dump(dict(values, **changes), f)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def sd_v_model(sd_model, tmp_path_factory):
+    """The tiny SD1.5 folder as a v-prediction model (SD 2.x's parameterisation)."""
+    return with_scheduler(sd_model, tmp_path_factory.mktemp("models") / "tiny-sd-v",
+                          prediction_type="v_prediction")
+
+
+@pytest.fixture(scope="session")
+def sd_v_zero_snr_model(sd_model, tmp_path_factory):
+    """v prediction on a zero-terminal-SNR schedule (abar = 0 at t = 999), trailing spacing."""
+    return with_scheduler(sd_model, tmp_path_factory.mktemp("models") / "tiny-sd-v-zero-snr",
+                          prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                          timestep_spacing="trailing")
 
 
 @pytest.fixture(scope="session")
@@ -295,3 +323,43 @@ def make_sd3_pipeline(path, seed=0):
 @pytest.fixture(scope="session")
 def sd3_model(tmp_path_factory):
     return make_sd3_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd3"))
+
+
+def make_sd35_pipeline(path, seed=0):
+    """Tiny SD3.5 Medium layout: the tiny SD3 one with an MMDiT-X transformer, a second attention (attn2) in
+    block 0 (dual_attention_layers) and RMS qk-norm."""
+    from diffusers import SD3Transformer2DModel
+    make_sd3_pipeline(path, seed)
+    torch.manual_seed(seed)
+    net = SD3Transformer2DModel(**DENOISERS[("sd3", "tiny")][1], dual_attention_layers=(0,), qk_norm="rms_norm")
+    net.save_pretrained(os.path.join(path, "transformer"))
+    return path
+
+
+@pytest.fixture(scope="session")
+def sd35_model(tmp_path_factory):
+    return make_sd35_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-sd35"))
+
+
+def make_flux_pipeline(path, seed=0):
+    """Tiny FLUX.1-dev layout: one double- and one single-stream block with a guidance embedding over 2x2-packed
+    16-channel latents, CLIP (pooled) and T5 (width 32, the joint width), a VAE with FLUX's shift and scale, and
+    FLUX's scheduler config (the resolution-dependent shift)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    tok, tok2 = byte_clip_tokenizer(), t5_tokenizer()
+    vae = AutoencoderKL(**tiny_vae(latent_channels=16, shift_factor=0.1159, scaling_factor=0.3611, use_quant_conv=False,
+                                   use_post_quant_conv=False))
+    pipe = FluxPipeline(
+        transformer=FluxTransformer2DModel(**DENOISERS[("flux", "tiny")][1]),
+        scheduler=FlowMatchEulerDiscreteScheduler(**FLOW_FLUX), vae=vae,
+        text_encoder=CLIPTextModel(CLIPTextConfig(**clip_config("tiny", vocab=len(tok), hidden_act="gelu"))),
+        tokenizer=tok, text_encoder_2=T5EncoderModel(T5Config(**t5_config("tiny", vocab=len(tok2)))), tokenizer_2=tok2)
+    pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def flux_model(tmp_path_factory):
+    return make_flux_pipeline(str(tmp_path_factory.mktemp("models") / "tiny-flux"))

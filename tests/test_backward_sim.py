@@ -8,7 +8,7 @@ import torch
 import common
 
 # per script: the forward process and the one-step x0 it uses (a common function or the script's own)
-FORWARD = {"flash_sd3": ("renoise_flow", "x0_from_v")}
+FORWARD = {"flash_sd3": ("renoise_flow", "x0_from_v"), "flash_flux": ("renoise_flow", "x0_from_v")}
 
 
 def one_step(mod, m, args, monkeypatch, batch):
@@ -30,8 +30,8 @@ def one_step(mod, m, args, monkeypatch, batch):
 
     monkeypatch.setattr(common, forward_name, forward)
     monkeypatch.setattr(x0_owner, x0_name, x0_of)
-    monkeypatch.setattr(mod, "teacher_solve", lambda m, x_t, k, c, u, w: seen["solve"].append((x_t, k, c)) or
-                        real_solve(m, x_t, k, c, u, w))
+    monkeypatch.setattr(mod, "teacher_solve", lambda m, x_t, k, c, *rest: seen["solve"].append((x_t, k, c, rest))
+                        or real_solve(m, x_t, k, c, *rest))
     K = args.num_teacher_steps
     m.start_probs = [torch.eye(K)[K // 2]] * 4  # every phase starts at k = K/2
     torch.manual_seed(0)
@@ -55,7 +55,8 @@ def test_backward_sim_builds_x_t_from_the_students_own_sampler_and_is_off_by_def
     if mod.__name__ == "flash_adapter":
         batch["edges"] = (torch.rand(2, m.adapter.config.in_channels, 32, 32) > 0.8).float()
     seen = one_step(mod, m, args, monkeypatch, batch)
-    (x_t, k, cond), = seen["solve"]
+    (x_t, k, cond, rest), = seen["solve"]
+    guidance = rest if mod.__name__ == "flash_flux" else ()  # FLUX's student is given the teacher's g
     data = seen["forward"][0]  # the first forward-process call noises the data latent
     if p is None:  # x_t is the noised data latent; no extra student pass before the student's own step
         assert torch.equal(x_t, data[3])
@@ -76,8 +77,8 @@ def test_backward_sim_builds_x_t_from_the_students_own_sampler_and_is_off_by_def
     def student_x0(x, level):  # the student's (LoRA on) one-step x0, recomputed here
         with torch.no_grad():
             level = level.expand(len(x))
-            pred = mod.denoise(net, x, level, cond)
-            return (mod.x0_from_v(x, pred, level) if mod.__name__ == "flash_sd3"
+            pred = mod.denoise(net, x, level, cond, *guidance)
+            return (mod.x0_from_v(x, pred, level) if hasattr(mod, "x0_from_v")
                     else common.lcm_x0(x, pred, level, m.alphas_cumprod))
     torch.testing.assert_close(between[0], student_x0(in0, level0), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(last[0], student_x0(in1, level1), rtol=1e-5, atol=1e-5)

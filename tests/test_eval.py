@@ -17,6 +17,7 @@ from PIL import Image
 
 import common
 import eval as bench_eval
+import flash_flux
 import flash_pixart
 import flash_sd
 import flash_sd3
@@ -115,11 +116,15 @@ def check_table(out, steps, nfe, n=N):
 
 
 @pytest.mark.parametrize("backbone, steps, cfg", [("sd", 50, 7.5), ("sdxl", 50, 5.0), ("adapter", 50, 5.0),
-                                                   ("pixart", 20, 4.5), ("sd3", 28, 7.0)])
+                                                   ("pixart", 20, 4.5), ("sd3", 28, 7.0), ("flux", 28, 3.5)])
 def test_rows_default_to_the_stock_pipelines(backbone, steps, cfg):
     args = bench_eval.parse_args(["--backbone", backbone, "--student", "s", "--prompts", "p", "--reference", "r"])
     assert (args.num_images, args.student_steps, args.clip_model, args.clip_pretrained) == (
         5000, [1, 2, 4], "ViT-g-14", "laion2b_s12b_b42k")
+    if backbone == "flux":  # guidance is an input of one pass: one NFE a step, and the student keeps it
+        assert bench_eval.model_rows(args) == {"teacher": (28, 3.5, 28), "student_1": (1, 3.5, 1),
+                                               "student_2": (2, 3.5, 2), "student_4": (4, 3.5, 4)}
+        return
     assert bench_eval.model_rows(args) == {"teacher": (steps, cfg, 2 * steps), "student_1": (1, 0, 1),
                                            "student_2": (2, 0, 2), "student_4": (4, 0, 4)}
     args.teacher_guidance = 1.0  # no CFG: one evaluation per step
@@ -240,6 +245,22 @@ def test_sd3_table_samples_at_the_student_sigmas(sd3_model, shards, coco, clip_d
     grid = FlowMatchEulerDiscreteScheduler.from_pretrained(sd3_model, subfolder="scheduler")
     grid.set_timesteps(4)
     assert [student(n)["sigmas"] for n in (1, 2, 4)] == [flash_sd3.student_sigmas(grid.sigmas, n) for n in (1, 2, 4)]
+
+
+def test_flux_table_samples_the_stock_grid_at_the_models_guidance(flux_model, shards, coco, clip_dir, tmp_path):
+    from diffusers import FlowMatchLCMScheduler
+    run = tmp_path / "flash_flux"
+    flash_flux.main(train_argv(flux_model, shards, run))
+    argv = eval_argv("flux", flux_model, run, coco, clip_dir, tmp_path / "eval", "--num_images", "4",
+                     "--teacher_steps", "2")
+    table = bench_eval.main(argv, feat_extractor=Features())
+    assert [(r["model"], r["steps"], r["nfe"], r["guidance"]) for r in table] == [
+        ("teacher", 2, 2, 3.5), ("student", 1, 1, 3.5), ("student", 2, 2, 3.5), ("student", 4, 4, 3.5)]
+    args = bench_eval.parse_args(argv)
+    bench_eval.check_args(args)
+    pipe = bench_eval.load_pipeline(args, torch.device("cpu"), torch.float32)
+    assert bench_eval.load_student(pipe, args, flash_flux)(4) == dict(num_inference_steps=4, guidance_scale=3.5)
+    assert isinstance(pipe.scheduler, FlowMatchLCMScheduler) and pipe.scheduler.config.use_dynamic_shifting
 
 
 def test_start_up_errors_are_one_line(sd_student, sd_model, coco, clip_dir, tmp_path, capsys, monkeypatch):

@@ -22,7 +22,7 @@ from models import build_denoiser  # bench/models.py (conftest puts bench/ on sy
 RANK, ALPHA = 4, 8.0
 
 UNETS = ["flash_sd", "flash_sdxl", "flash_adapter"]
-TRANSFORMERS = ["flash_pixart", "flash_sd3"]
+TRANSFORMERS = ["flash_pixart", "flash_sd3", "flash_flux"]
 
 
 def comfy_file(name):
@@ -163,6 +163,12 @@ def transformer_inputs(net, seed=0):
         return dict(hidden_states=x, timestep=t, encoder_hidden_states=text,
                     added_cond_kwargs=dict(resolution=None, aspect_ratio=None))
     text = torch.randn(2, 8, cfg.joint_attention_dim, generator=g)
+    if cfg.get("guidance_embeds"):  # FLUX: 2x2-packed tokens of a 16x16 latent, their ids, the guidance
+        import flash_flux
+        return dict(hidden_states=flash_flux.pack(torch.randn(2, 16, 16, 16, generator=g)), timestep=t / 1000,
+                    guidance=torch.tensor([3.5, 2.0]), encoder_hidden_states=text, img_ids=flash_flux.image_ids(
+                        16, 16, "cpu"), txt_ids=torch.zeros(8, 3),
+                    pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g))
     return dict(hidden_states=x, timestep=t, encoder_hidden_states=text,
                 pooled_projections=torch.randn(2, cfg.pooled_projection_dim, generator=g))
 
@@ -171,7 +177,8 @@ def transformer_inputs(net, seed=0):
 def test_transformer_file_merged_into_the_base_model_is_the_trained_student(runs, name):
     import diffusers
     _, model, out, net = runs(name)
-    cls = {"flash_pixart": "PixArtTransformer2DModel", "flash_sd3": "SD3Transformer2DModel"}[name]
+    cls = {"flash_pixart": "PixArtTransformer2DModel", "flash_sd3": "SD3Transformer2DModel",
+           "flash_flux": "FluxTransformer2DModel"}[name]
     base = getattr(diffusers, cls).from_pretrained(model, subfolder="transformer")
     weights = base.state_dict()
     sd = load_file(str(out / comfy_file(name)))
@@ -185,7 +192,8 @@ def test_transformer_file_merged_into_the_base_model_is_the_trained_student(runs
         torch.testing.assert_close(merged[f"{path}.weight"], student, rtol=1e-5, atol=1e-6)
         moved += bool((student - w).abs().max() > 0)
     assert moved > 0
-    assert any(sd[k].dim() == 4 for k in sd if k.endswith("pos_embed.proj.lora_down.weight"))  # the patch conv
+    if name != "flash_flux":  # the patch conv (FLUX has none)
+        assert any(sd[k].dim() == 4 for k in sd if k.endswith("pos_embed.proj.lora_down.weight"))
     # the whole merged model runs as the student does
     kw = transformer_inputs(base)
     with torch.no_grad():
@@ -201,7 +209,8 @@ def test_transformer_file_merged_into_the_base_model_is_the_trained_student(runs
 # ---------------------------------------------------------------------------------------------------------
 
 # the diffusers module paths that ComfyUI's diffusers-to-native key maps (comfy/utils.py: unet_to_diffusers,
-# pixart_to_diffusers, mmdit_to_diffusers) cover, restricted to the layers these scripts' LoRA can reach
+# pixart_to_diffusers, mmdit_to_diffusers, flux_to_diffusers) cover, restricted to the layers these scripts' LoRA
+# can reach
 BLOCK = r"transformer_blocks\.\d+\."
 COMFY_MAPPED = {
     "unet": re.compile(r"(down_blocks\.\d+\.attentions\.\d+|mid_block\.attentions\.0|up_blocks\.\d+\.attentions\.\d+)"
@@ -213,11 +222,13 @@ COMFY_MAPPED = {
                       r"|ff_context\.net\.2|norm1\.linear|norm1_context\.linear)"
                       r"|pos_embed\.proj|proj_out|norm_out\.linear"
                       r"|time_text_embed\.(timestep|text)_embedder\.linear_[12]"),
+    "flux": re.compile(rf"{BLOCK}attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
+                       rf"|single_{BLOCK}(attn\.to_q|attn\.to_k|attn\.to_v|proj_mlp|proj_out)"),
 }
 
 
 @pytest.mark.parametrize("name, backbone", [("flash_sd", "sd"), ("flash_sdxl", "sdxl"), ("flash_adapter", "adapter"),
-                                            ("flash_pixart", "pixart"), ("flash_sd3", "sd3")])
+                                            ("flash_pixart", "pixart"), ("flash_sd3", "sd3"), ("flash_flux", "flux")])
 def test_every_lora_module_of_the_real_architecture_has_its_keys(name, backbone):
     mod = importlib.import_module(name)
     config = LoraConfig(r=mod.LORA_RANK, lora_alpha=mod.LORA_ALPHA, init_lora_weights=mod.LORA_INIT,
@@ -243,8 +254,9 @@ def test_every_lora_module_of_the_real_architecture_has_its_keys(name, backbone)
     if name in UNETS:  # kohya names: the diffusers path with every . as _
         assert all(k.startswith("lora_unet_") and "." not in k.split(".")[0] for k in sd)
     # SD1.5 / SDXL: the 4 projections of both attentions of 16 / 70 transformer blocks; PixArt: 10 in each of 28
-    # blocks + 11 outside; SD3: 9 in each of 24 blocks (the last has no ff_context) - 1 + 7 outside
-    assert len(modules) == {"sd": 128, "sdxl": 560, "adapter": 560, "pixart": 291, "sd3": 222}[backbone]
+    # blocks + 11 outside; SD3: 9 in each of 24 blocks (the last has no ff_context) - 1 + 7 outside; FLUX: 8 in each
+    # of 19 double blocks, 5 in each of 38 single blocks
+    assert len(modules) == {"sd": 128, "sdxl": 560, "adapter": 560, "pixart": 291, "sd3": 222, "flux": 342}[backbone]
     if backbone == "pixart":
         assert {"pos_embed.proj", "proj_out", "adaln_single.linear", "caption_projection.linear_1",
                 "adaln_single.emb.resolution_embedder.linear_1"} <= {p for p, _ in modules}

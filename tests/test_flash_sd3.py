@@ -301,15 +301,110 @@ def test_resume_restores_the_tensors(e2e, sd3_model, shards, tmp_path, monkeypat
     assert {int(s["step"]) for s in load_state(out / "checkpoints" / "step_000005")["opt_g"]["state"].values()} == {5}
 
 
-def test_gradient_checkpointing_gives_the_same_update(sd3_model, shards, tmp_path):
-    """Same seed, same data: one update with --gradient_checkpointing equals one without (the GAN feature pass in
-    teacher mode must not be recomputed with the LoRA back on)."""
+# SD3.5 Medium's and Large's transformer configs (their sizes, 2,243.2M and 8,056.6M, are checked below)
+SD35_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                   pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                   dual_attention_layers=tuple(range(13)))
+SD35_LARGE = dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                  num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                  pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm")
+
+
+def test_sd35_configs_are_recognised_and_their_lora_sizes(tmp_path):
+    """The released SD3.5 transformer configs (written as a model folder's transformer/config.json) read as
+    their family; rank-64 LoRA on LORA_TARGETS: 101.7M (Medium, its attn2 included) and 219.3M (Large)."""
+    from diffusers import SD3Transformer2DModel
+    from peft import LoraConfig
+    for name, cfg, size, lora_m in (("SD3.5 Medium", SD35_MEDIUM, 2243.2, 101.7), ("SD3.5 Large", SD35_LARGE, 8056.6,
+                                                                                     219.3)):
+        with torch.device("meta"):
+            net = SD3Transformer2DModel(**cfg)
+            assert abs(sum(p.numel() for p in net.parameters()) / 1e6 - size) < 0.1
+            net.requires_grad_(False).add_adapter(LoraConfig(r=64, lora_alpha=8,
+                                                             target_modules=flash_sd3.LORA_TARGETS))
+        assert abs(sum(p.numel() for p in net.parameters() if p.requires_grad) / 1e6 - lora_m) < 0.05
+        net.save_config(tmp_path / name / "transformer")
+        assert flash_sd3.model_family(str(tmp_path / name)) == name
+    assert flash_sd3.model_family(str(tmp_path / "no-model")) == "SD3 Medium"  # check_args names that one
+
+
+def test_defaults_follow_the_model_and_given_flags_win(sd3_model, sd35_model, tmp_path, capsys):
+    large = tmp_path / "large" / "transformer"  # the tiny SD3 transformer with SD3.5 Large's RMS qk-norm
+    large.mkdir(parents=True)
+    with open(os.path.join(sd3_model, "transformer", "config.json")) as f:
+        cfg = dict(json.load(f), qk_norm="rms_norm")
+    (large / "config.json").write_text(json.dumps(cfg))
+
+    def resolved(model, *flags):
+        a = flash_sd3.parse_args(["--model", str(model), "--shards", "x.tar", *flags])
+        return a.guidance_min, a.guidance_max, a.validation_teacher_steps, a.validation_teacher_guidance, a.use_t5
+
+    assert [flash_sd3.model_family(m) for m in (sd3_model, sd35_model, large.parent)] == [
+        "SD3 Medium", "SD3.5 Medium", "SD3.5 Large"]
+    assert resolved(sd3_model) == (7.0, 13.0, 28, 7.0, False)  # the paper's range, the stock 28 steps at CFG 7
+    assert resolved(sd35_model) == (3.5, 5.5, 40, 4.5, True)  # the card's 40 steps at CFG 4.5, w within 1 of it
+    assert resolved(large.parent) == (2.5, 4.5, 28, 3.5, True)  # the card's 28 steps at CFG 3.5
+    assert resolved(sd35_model, "--guidance_min", "2", "--no-use_t5", "--validation_teacher_steps", "8") == (
+        2.0, 5.5, 8, 4.5, False)
+    assert resolved(sd3_model, "--use_t5", "--guidance_max", "9", "--validation_teacher_guidance", "5") == (
+        7.0, 9.0, 28, 5.0, True)
+    with pytest.raises(common.UsageError, match="--guidance_min must not exceed --guidance_max"):
+        flash_sd3.check_flags(flash_sd3.parse_args(["--model", sd35_model, "--shards", "x.tar", "--guidance_min",
+                                                    "6"]))
+    with pytest.raises(SystemExit):
+        flash_sd3.parse_args(["-h"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: per model: SD3 Medium 7.0, SD3.5 Medium 3.5, SD3.5 Large 2.5" in text
+    assert "default: per model: SD3 Medium 28, SD3.5 Medium 40, SD3.5 Large 28" in text
+    assert "(default: None)" not in text.split("--guidance_min")[1].split("--distill_loss")[0]
+
+
+@pytest.fixture(scope="module")
+def e2e35(sd35_model, shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e35") / "run"
+    m, step = flash_sd3.main(argv(sd35_model, shards, out, "--lr", "3e-3", "--phase_steps", "1", "1", "0", "0"))
+    assert step == 2
+    return out, m
+
+
+def test_sd35_medium_trains_with_its_defaults_and_targets_its_second_attention(e2e35):
     from peft.utils import get_peft_model_state_dict
-    runs = [flash_sd3.main(argv(sd3_model, shards, tmp_path / f"run{i}", *flag, "--phase_steps", "0", "1", "0", "0",
-                                "--lr", "1e-2", "--lr_disc", "1e-2", "--adv_weights", "0", "1", "0", "0",
-                                "--validation_prompts", "a"))[0]
-            for i, flag in enumerate([[], ["--gradient_checkpointing"]])]
-    assert runs[1].denoiser.is_gradient_checkpointing and not runs[0].denoiser.is_gradient_checkpointing
-    a, b = (get_peft_model_state_dict(r.denoiser) for r in runs)
-    assert max(a[k].abs().max() for k in a if "lora_B" in k) > 1e-3  # B starts at zero: the update moved it
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    out, m = e2e35
+    rows = metrics(out)
+    assert [r["phase"] for r in rows] == [0, 1] and rows[1]["adv"] > 0 and rows[1]["dmd"] > 0
+    assert all(3.5 <= r["w"] <= 5.5 for r in rows)  # the teacher's CFG from SD3.5 Medium's range
+    assert len(m.text_encoders) == 3  # T5 on by default
+    with open(out / "log.txt") as f:
+        flags = json.loads(next(line for line in f if "flags: " in line).split("flags: ", 1)[1])
+    assert (flags["validation_teacher_steps"], flags["validation_teacher_guidance"], flags["use_t5"]) == (40, 4.5, True)
+    hit = {n for n, mod in m.denoiser.named_modules() if hasattr(mod, "lora_A")}
+    attn2 = {n for n in hit if ".attn2." in n}
+    assert attn2 == {f"transformer_blocks.0.attn2.{p}" for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert {"transformer_blocks.0.norm1.linear", "transformer_blocks.0.attn.to_q", "transformer_blocks.1.attn.to_q",
+            "transformer_blocks.0.ff.net.0.proj", "pos_embed.proj", "norm_out.linear", "proj_out"} <= hit
+    assert not any("norm_q" in n or "norm_k" in n or "add_q_proj" in n for n in hit)  # RMS norms: no Linear
+    assert any("attn2.to_q" in k and "lora_B" in k and v.abs().max() > 0  # the update reached attn2
+               for k, v in get_peft_model_state_dict(m.denoiser).items())
+
+
+def test_sd35_lora_loads_into_a_stock_sd3_pipeline_and_is_the_student(e2e35, sd35_model):
+    out, m = e2e35
+    pipe = StableDiffusion3Pipeline.from_pretrained(sd35_model)
+    pipe.scheduler = FlowMatchLCMScheduler.from_config(pipe.scheduler.config, shift=1.0)
+    pipe.set_progress_bar_config(disable=True)
+    cond = flash_sd3.encode_text([pipe.tokenizer, pipe.tokenizer_2, pipe.tokenizer_3],
+                                 [pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], ["a red square"], 64,
+                                 CPU)
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = flash_sd3.denoise(pipe.transformer, x, torch.ones(1), cond)
+        pipe.load_lora_weights(str(out))
+        v = flash_sd3.denoise(m.denoiser, x, torch.ones(1), cond)
+        assert (v - before).abs().max() > 1e-3
+        torch.testing.assert_close(flash_sd3.denoise(pipe.transformer, x, torch.ones(1), cond), v, rtol=1e-5,
+                                   atol=1e-5)
+        # one stock sampler step from pure noise is the student's one-step output x_hat = x_t - sigma v
+        one = pipe("a red square", sigmas=[1.0], guidance_scale=0, height=32, width=32, latents=x,
+                   output_type="latent").images
+    torch.testing.assert_close(one, flash_sd3.x0_from_v(x, v, torch.ones(1)), rtol=1e-5, atol=1e-5)

@@ -11,7 +11,7 @@ from conftest import ROOT
 
 # scripts a README command may run, by the path it names; flash_inpaint.py is made by the README's own diff
 SCRIPTS = {name: os.path.join(ROOT, name) for name in (
-    "flash_sd.py", "flash_sdxl.py", "flash_adapter.py", "flash_pixart.py", "flash_sd3.py",
+    "flash_sd.py", "flash_sdxl.py", "flash_adapter.py", "flash_pixart.py", "flash_sd3.py", "flash_flux.py",
     "bench/toy.py", "bench/toy_diagnose.py", "bench/eval.py", "bench/speed.py")}
 SCRIPTS["flash_inpaint.py"] = SCRIPTS["flash_sd.py"]  # the diff adds no flag
 NOT_OURS = {"make_shards.py"}  # the README's own snippet, saved by the reader
@@ -48,7 +48,7 @@ def help_flags(path, capsys):
 def test_the_readme_runs_the_scripts_it_should():
     front = {script for script, _ in readme_commands(["README.md"])}
     assert {"bench/toy.py", "flash_sd.py", "flash_sdxl.py", "flash_adapter.py", "flash_pixart.py", "flash_sd3.py",
-            "bench/eval.py"} <= front
+            "flash_flux.py", "bench/eval.py"} <= front
     names = {script for script, _ in COMMANDS}
     assert {"bench/speed.py", "bench/toy_diagnose.py"} <= names
     assert names <= set(SCRIPTS) | NOT_OURS, names - set(SCRIPTS) - NOT_OURS

@@ -95,8 +95,8 @@ def test_old_reports_still_print():
 def test_real_denoiser_sizes():
     """The real architectures at their published sizes, built on the meta device (no memory, no init)."""
     from models import build_denoiser  # bench/models.py, the configs speed.py builds from
-    published = dict(sd=859.5, sdxl=2567.5, pixart=611.3, sd3=2028.3)  # millions
-    for name in ("sd", "sdxl", "pixart", "sd3"):
+    published = dict(sd=859.5, sdxl=2567.5, pixart=611.3, sd3=2028.3, flux=11901.4)  # millions
+    for name in ("sd", "sdxl", "pixart", "sd3", "flux"):
         with torch.device("meta"):
             net = build_denoiser(name, "real")
         assert sum(p.numel() for p in net.parameters()) / 1e6 == pytest.approx(published[name], abs=0.1), name
@@ -133,3 +133,16 @@ def test_the_default_output_is_outside_the_repository(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / ".cache" / "flash_speed" / "speed_cpu.json").read_text())
     assert saved == json.loads(json.dumps(report)) and "reference" not in saved["results"][0]
     assert (tmp_path / ".cache" / "flash_speed" / "speed_cpu.md").read_text() == speed.markdown(saved)
+
+
+def test_flux_memory_estimate_from_the_real_configs(capsys):
+    """The README's FLUX estimate: parameter counts of the released architectures on the meta device."""
+    est = load_speed().main(["--memory_estimate"])
+    counts = {k: round(v, 1) for k, v in est["params_m"].items()}
+    assert counts == dict(transformer=11901.4, text_encoder_2=4762.3, text_encoder=123.1, vae=83.8, lora=186.8)
+    assert est["transformer"] == pytest.approx(2 * 11.9014, abs=1e-3)  # bf16
+    assert est["lora_states"] == pytest.approx(5 * 4 * 0.1867776, abs=1e-4)  # fp32 weight, grad, bucket, 2 moments
+    # (4096 image + 512 text tokens) x 3072 x 2 bytes x 57 blocks
+    assert est["checkpoints_per_sample_and_pass"] == pytest.approx(4608 * 3072 * 2 * 57 / 1e9)
+    assert round(est["fixed"], 1) == 37.5 and round(est["total"], 1) == 43.9
+    assert "total 43.9" in capsys.readouterr().out
