@@ -103,7 +103,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     # data and model
-    a("--model", default=MODEL, help="hub id or local diffusers folder")
+    a("--model", default=MODEL,
+      help="hub id or local diffusers folder of PixArt-alpha or PixArt-Sigma (or a fine-tune)")
     a("--variant", default="auto", choices=["auto", "alpha", "sigma"],
       help="PixArt-alpha or PixArt-Sigma (auto: the model's pipeline class, else its VAE's scale)")
     a("--shards", nargs="+", required=True, help="webdataset shards: braces, globs, pipe: URLs")

@@ -131,7 +131,9 @@ def parse_args(argv=None):
                                 formatter_class=HelpFormatter)
     a = p.add_argument
     # data and model
-    a("--model", default=MODEL, help="hub id or local diffusers folder")
+    a("--model", default=MODEL,
+      help="hub id or local diffusers folder of SD3 Medium, SD3.5 Medium or SD3.5 Large (or a "
+      "fine-tune of one)")
     a("--shards", nargs="+", required=True, help="webdataset shards: braces, globs, pipe: URLs")
     a("--output_dir", default=f"runs/{NAME}", help="metrics, samples, checkpoints, the LoRA")
     a("--resolution", type=positive_int, default=RESOLUTION, help="training size (square crop)")
@@ -234,6 +236,8 @@ def check_args(args):
     except Exception as e:
         raise model_error(args.model, "a diffusers SD3 layout (vae/, transformer/ and scheduler/ "
                           "configs)", e) from e
+    if net_cfg.get("_class_name") == "FluxTransformer2DModel":
+        raise common.UsageError(f"--model {args.model}: a FLUX transformer; use flash_flux.py")
     euler = sched_cfg.get("_class_name") == "FlowMatchEulerDiscreteScheduler"
     if not euler or sched_cfg.get("use_dynamic_shifting"):
         raise common.UsageError(f"--model {args.model}: not a fixed-shift FlowMatchEulerDiscrete"

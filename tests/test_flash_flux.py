@@ -147,6 +147,10 @@ def test_models_it_cannot_distil_are_refused_in_one_line(flux_model, sd3_model, 
     with pytest.raises(common.UsageError) as e:
         flash_flux.check_args(flash_flux.parse_args(argv(sd3_model, shards, tmp_path / "a")))
     assert str(e.value).endswith("its transformer is a SD3Transformer2DModel; use flash_sd3.py for SD3 models")
+    import flash_sd3  # and the other way round
+    with pytest.raises(common.UsageError) as e:
+        flash_sd3.check_args(flash_sd3.parse_args(["--model", flux_model, "--shards", *shards]))
+    assert str(e.value) == f"--model {flux_model}: a FLUX transformer; use flash_flux.py"
     schnell = tmp_path / "schnell"
     shutil.copytree(flux_model, schnell)
     config = schnell / "transformer" / "config.json"

@@ -220,3 +220,15 @@ def test_sigma_adapter_folder_loads_into_a_stock_sigma_pipeline_as_the_student(s
         torch.testing.assert_close(flash_pixart.denoise(pipe.transformer, x, t, cond), student, rtol=1e-5, atol=1e-5)
         with flash_pixart.teacher_mode(m.denoiser):
             assert (flash_pixart.denoise(m.denoiser, x, t, cond) - student).abs().max() > 1e-4  # the LoRA trained
+
+
+def test_a_sigma_run_resumes_as_sigma(sigma_run, pixart_sigma_model, shards, tmp_path):
+    """The Σ run's checkpoint continues for one more update, with Σ's 300 tokens and without size conditioning."""
+    src, _ = sigma_run
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    m, step = flash_pixart.main(argv(pixart_sigma_model, shards, out, "--phase_steps", "0", "3", "0", "0", "--lr",
+                                     "3e-3", "--resume", "latest"))
+    assert step == 3 and [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert m.variant == "sigma" and m.max_tokens == 300 and not m.sizes
+    assert sorted(os.listdir(out / "checkpoints"))[-1] == "step_000003"

@@ -408,3 +408,13 @@ def test_sd35_lora_loads_into_a_stock_sd3_pipeline_and_is_the_student(e2e35, sd3
         one = pipe("a red square", sigmas=[1.0], guidance_scale=0, height=32, width=32, latents=x,
                    output_type="latent").images
     torch.testing.assert_close(one, flash_sd3.x0_from_v(x, v, torch.ones(1)), rtol=1e-5, atol=1e-5)
+
+
+def test_an_sd35_run_resumes_with_its_model_defaults(e2e35, sd35_model, shards, tmp_path):
+    src, _ = e2e35
+    out = tmp_path / "run"
+    shutil.copytree(src, out)
+    m, step = flash_sd3.main(argv(sd35_model, shards, out, "--lr", "3e-3", "--phase_steps", "1", "2", "0", "0",
+                                  "--resume", "latest"))
+    assert step == 3 and [r["step"] for r in metrics(out)] == [1, 2, 3]
+    assert 3.5 <= metrics(out)[-1]["w"] <= 5.5 and len(m.text_encoders) == 3  # SD3.5 Medium's range, T5 on
