@@ -10,10 +10,12 @@ of CLIP score) and Frechet distance of the judge's features (the analogue of FID
     python bench/toy.py --quick      # every stage at smoke-test size, a few minutes (no quality claim)
     python bench/toy.py              # the full run: distillation and table, about an hour on 2 CPU cores
 
-The teacher and judge ship with the repository (bench/toy_teacher/), trained by
-    python bench/toy.py --train_teacher --stages data,teacher --device cuda
-(the same command with --device cpu works too, slowly). Stages cache their outputs in --work_dir and are
-skipped when present; --fresh redoes them.
+The teacher and judge ship with the repository (bench/toy_teacher/). The teacher's UNet and text encoder
+were trained, keeping the VAE of an earlier teacher, on 2 CPU cores (an hour and a half) by
+    python bench/toy.py --train_teacher --stages teacher --vae bench/toy_teacher/model/vae \
+        --teacher_batch 512 --unet_steps 1311
+(add --device cuda on a GPU; without --vae the VAE is trained first; --stages judge trains the judge).
+Stages cache their outputs in --work_dir and are skipped when present; --fresh redoes them.
 """
 import argparse
 import io
@@ -161,10 +163,11 @@ def teacher_parts(tokenizer):
         num_attention_heads=4, max_position_embeddings=tokenizer.model_max_length,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.eos_token_id))
-    # cross-attention at the lower (4x4) level and in the mid block only: cheap, and enough to follow text
+    # cross-attention at both levels (8x8 and 4x4) and in the mid block, as SD1.5 has it at every level but
+    # its lowest: the scripts' LoRA on the attention projections then reaches the 8x8 path too
     unet = UNet2DConditionModel(
         sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(48, 96), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
         cross_attention_dim=64, attention_head_dim=16, norm_num_groups=16)
     return vae, text_encoder, unet
 
@@ -223,11 +226,17 @@ def stage_teacher(args):
         post = vae.encode(x).latent_dist
         return F.mse_loss(vae.decode(post.sample()).sample, x) + 1e-6 * post.kl().mean()
 
-    t_vae, n_vae = train_loop("teacher: VAE", args.vae_steps, list(vae.parameters()), 1e-3, vae_step)
+    t_vae, n_vae = 0.0, 0
+    if args.vae:  # an earlier teacher's VAE, scaling factor included
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL.from_pretrained(args.vae).to(dev)
+    else:
+        t_vae, n_vae = train_loop("teacher: VAE", args.vae_steps, list(vae.parameters()), 1e-3, vae_step)
     vae.requires_grad_(False).eval()
-    with torch.no_grad():  # scale latents to unit variance, as SD's 0.18215 does
-        z = torch.cat([vae.encode(next(data)[1]).latent_dist.mean for _ in range(8)])
-        vae.register_to_config(scaling_factor=float(1 / z.std()))
+    if not args.vae:
+        with torch.no_grad():  # scale latents to unit variance, as SD's 0.18215 does
+            z = torch.cat([vae.encode(next(data)[1]).latent_dist.mean for _ in range(8)])
+            vae.register_to_config(scaling_factor=float(1 / z.std()))
     ddpm = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                           steps_offset=1)  # as SD1.5 ships it (0 is deprecated by diffusers)
     abar = ddpm.alphas_cumprod.to(dev)
@@ -513,6 +522,8 @@ def parse_args(argv=None):
     a("--teacher_pool", type=int, default=40000, help="distinct images the teacher and judge train on")
     a("--teacher_batch", type=int, default=256)
     a("--vae_steps", type=int, default=4000)
+    a("--vae", default=None, help="a diffusers VAE folder to keep (e.g. bench/toy_teacher/model/vae) instead "
+      "of training one")
     a("--unet_steps", type=int, default=20000)
     a("--judge_steps", type=int, default=3000)
     a("--teacher_seconds", type=float, default=None, help="cap the UNet's training time (steps cut to fit)")

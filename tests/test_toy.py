@@ -110,6 +110,30 @@ def test_teacher_training_writes_a_stock_pipeline(tmp_path):
     img = pipe("a red circle on a blue background", num_inference_steps=2, height=16, width=16,
                output_type="np").images
     assert img.shape == (1, 16, 16, 3)
+    # --vae keeps a given VAE (here the shipped teacher's, byte for byte) and trains the UNet and text encoder
+    argv = ["--quick", "--train_teacher", "--work_dir", str(tmp_path / "kept"), "--stages", "teacher",
+            "--vae", os.path.join(toy.ASSETS, "model", "vae")]
+    kept = StableDiffusionPipeline.from_pretrained(os.path.join(toy.main(argv).work_dir, "teacher"))
+    shipped = StableDiffusionPipeline.from_pretrained(os.path.join(toy.ASSETS, "model"))
+    assert kept.vae.config.scaling_factor == shipped.vae.config.scaling_factor
+    assert all(torch.equal(a, b) for a, b in zip(kept.vae.state_dict().values(), shipped.vae.state_dict().values()))
+
+
+def test_the_teacher_has_cross_attention_at_both_unet_levels():
+    """The shipped teacher and teacher_parts: cross-attention at the 8x8 and 4x4 levels and in the mid block, so
+    that a LoRA on the attention projections (the scripts' targets) reaches every level, as on SD1.5."""
+    from diffusers import UNet2DConditionModel
+    from peft import LoraConfig
+
+    import flash_sd
+    shipped = UNet2DConditionModel.from_pretrained(os.path.join(toy.ASSETS, "model"), subfolder="unet")
+    built = toy.teacher_parts(toy.toy_tokenizer())[2]
+    for unet in (shipped, built):
+        assert list(unet.config.down_block_types) == ["CrossAttnDownBlock2D"] * 2
+        assert list(unet.config.up_block_types) == ["CrossAttnUpBlock2D"] * 2
+    shipped.add_adapter(LoraConfig(r=4, target_modules=flash_sd.LORA_TARGETS))
+    levels = {n.split(".attentions")[0] for n, m in shipped.named_modules() if hasattr(m, "lora_A")}
+    assert levels == {"down_blocks.0", "down_blocks.1", "mid_block", "up_blocks.0", "up_blocks.1"}
 
 
 def test_the_drawn_w_reference_is_the_pipelines_teacher_at_a_fixed_w():
