@@ -82,11 +82,11 @@ def test_quick_run_end_to_end(tmp_path):
     assert "[distill]" in out.stdout and "[table]" in out.stdout
     # the diagnosis of the same run: its chains reproduce the stock LCM pipeline (it checks this itself)
     diag = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "toy_diagnose.py"), "--run", str(work / "run"),
-                           "--eval_size", "36"], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+                           "--eval_size", "12"], capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"),
                           timeout=600)
     assert diag.returncode == 0, diag.stdout[-3000:] + diag.stderr[-3000:]
     res = json.loads((work / "diagnosis.json").read_text())
-    assert res["chain_vs_pipeline_max_abs"] < 1e-4 and res["eval_size"] == 36
+    assert res["chain_vs_pipeline_max_abs"] < 1e-4 and res["eval_size"] == 12
     assert [r["chain"] for r in res["chains"]][:3] == ["S", "S S", "S S S S"]
     assert {(r["t"], r["source"]) for r in res["single_steps"]} == {
         (t, s) for t in (749, 499, 249) for s in ("data", "1-step student")}
