@@ -1,5 +1,7 @@
 """Which sampling steps cost the toy student its Frechet distance: chains that mix student steps (S) with
-ideal steps (O), and the student against the ideal from noised data and from noised student outputs.
+ideal steps (O), and the student against the ideal from noised data and from noised student outputs;
+how far apart the ideal steps at different guidance scales are (the student is not told w); and which
+loss term steers the LoRA in the later phases (the gradient of each term at the run's checkpoints).
 
 An ideal step at timestep t returns what the student is trained to return there: the teacher's guided
 K = 16 DPM-Solver++ solve from x_t (paper section 3, eq. 3's target). Between steps, x0 is re-noised to the
@@ -7,8 +9,10 @@ next timestep with fresh noise, as LCMScheduler does. Everything runs on bench/t
 evaluation set, with its judge.
 
     python bench/toy_diagnose.py --run ~/.cache/flash_toy/run      # a run bench/toy.py distilled
+    python bench/toy_diagnose.py --run ~/.cache/flash_toy/run --parts w_spread,grads    # the cheap parts
 """
 import argparse
+import glob
 import json
 import os
 import sys
@@ -32,6 +36,7 @@ class Toy:
     """The teacher and the student of one run, with the two kinds of step."""
 
     def __init__(self, run, guidance):
+        self.run = run
         from diffusers import DPMSolverMultistepScheduler, LCMScheduler, StableDiffusionPipeline
         self.pipe = StableDiffusionPipeline.from_pretrained(os.path.join(ASSETS, "model"), safety_checker=None,
                                                             requires_safety_checker=False)
@@ -55,11 +60,12 @@ class Toy:
         return common.lcm_x0(x, flash_sd.denoise(self.pipe.unet, x, tt, c), tt, self.abar)
 
     @torch.no_grad()
-    def ideal(self, x, t, c):
+    def ideal(self, x, t, c, guidance=None):
         """The student's training target at t: the teacher's guided K-step solve from x_t."""
         self.m.teacher_sched.set_timesteps(K)
         k = self.m.teacher_sched.timesteps.tolist().index(t)
-        return flash_sd.teacher_solve(self.m, x, k, c, self.uncond.expand(len(x), -1, -1), self.guidance)
+        w = self.guidance if guidance is None else guidance
+        return flash_sd.teacher_solve(self.m, x, k, c, self.uncond.expand(len(x), -1, -1), w)
 
     def chain(self, spec, grid, noise, c, generator):
         """x0 after the steps in `spec` ("S"/"O" per step) on `grid`, from `noise`, re-noised between steps."""
@@ -100,13 +106,95 @@ def check_chain_is_the_pipeline(toy, labels, noise):
     return err
 
 
+def w_spread(toy, sources, conds, ws=(3.0, 5.5, 8.0, 10.5, 13.0)):
+    """The student is trained towards the ideal step at a w it is not told (U[3, 13] per batch), so at
+    best it returns the mean of the ideal steps over w. Per t and source: the student's MSE to the ideal
+    at each w and to their mean, and the ideal steps' own spread about that mean (the part of the error
+    no student without w can remove). Latent MSE, per element."""
+    rows = []
+    for t in (999, 749, 499, 249):
+        for source, x_t in sources(t):
+            parts = batches(len(x_t))
+            student = torch.cat([toy.student(x_t[s], t, c) for s, c in zip(parts, conds)])
+            ideal = {w: torch.cat([toy.ideal(x_t[s], t, c, w) for s, c in zip(parts, conds)]) for w in ws}
+            mean = torch.stack(list(ideal.values())).mean(0)
+            mse = lambda a, b: float(((a - b) ** 2).mean())  # noqa: E731
+            rows.append(dict(t=t, source=source, student_to_ideal={f"{w:g}": mse(student, ideal[w]) for w in ws},
+                             student_to_mean=mse(student, mean),
+                             ideal_spread=sum(mse(ideal[w], mean) for w in ws) / len(ws),
+                             ideal_3_to_13=mse(ideal[ws[0]], ideal[ws[-1]])))
+            if t == 999:
+                break  # pure noise: the same from every source
+    return rows
+
+
+def term_gradients(run, n_batches, seed=0):
+    """The gradient of each weighted generator loss term (distillation, DMD, GAN) on the LoRA, at each
+    checkpoint of the run, through flash_sd.train_step with the other two terms' weights set to zero:
+    the same k, x_t, w and noise for the three (one seed per batch). Its norm says how hard each term
+    pulls, the cosine between two terms whether they pull together. Measured in the phase that follows
+    the checkpoint, split into batches starting from noise (k = 0) and from noised data (k > 0)."""
+    from peft.utils import set_peft_model_state_dict
+    folders = sorted(glob.glob(os.path.join(run, "checkpoints", "step_*")))
+    if not folders:
+        raise SystemExit(f"toy_diagnose.py: no checkpoints beside {run}: the grads part needs the run's "
+                         "checkpoints/step_* folders")
+    rows, m = [], None
+    for folder in folders:
+        state = torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=True)
+        args = SimpleNamespace(**state["config"])
+        if m is None:
+            m = flash_sd.build(args, torch.device("cpu"))
+            loader = iter(common.make_loader(args.shards, args.resolution, args.batch_size, num_workers=0,
+                                             min_aesthetic=args.min_aesthetic, seed=seed + 1,
+                                             aesthetic_key=args.aesthetic_key))
+            data = [next(loader) for _ in range(n_batches)]
+        set_peft_model_state_dict(m.denoiser, state["lora"])
+        m.disc.load_state_dict(state["disc"])
+        params = [p for p in m.denoiser.parameters() if p.requires_grad]
+        step = state["step"]
+        phase = common.phase_of(step, args.phase_steps)
+        weights = dict(distill=args.distill_weights[phase], dmd=args.dmd_weights[phase], adv=args.adv_weights[phase])
+        per_batch = []
+        for b, batch in enumerate(tqdm(data, desc=f"gradients at step {step}")):
+            grads = {}
+            for term in weights:
+                only = {f"{n}_weights": [weights[n] if n == term else 0.0] * 4 for n in weights}
+                torch.manual_seed(seed + b)
+                for p in params:
+                    p.grad = None
+                out = flash_sd.train_step(m, m.denoiser, m.disc, batch, step, SimpleNamespace(**dict(vars(args), **only)))
+                grads[term] = torch.cat([p.grad.flatten() for p in params]) if weights[term] > 0 else None
+            k = int((torch.tensor(m.teacher_sched.timesteps.tolist()) == out["t"]).nonzero()[0])
+            per_batch.append(dict(k=k, **{f"norm_{n}": float(g.norm()) if g is not None else 0.0
+                                          for n, g in grads.items()},
+                                  **{f"cos_distill_{n}": float(torch.nn.functional.cosine_similarity(
+                                      grads["distill"], grads[n], dim=0)) if grads[n] is not None else None
+                                     for n in ("dmd", "adv")}))
+        for group, pick in (("k = 0", lambda r: r["k"] == 0), ("k > 0", lambda r: r["k"] > 0)):
+            sel = [r for r in per_batch if pick(r)]
+            if sel:
+                mean = {key: (sum(r[key] for r in sel) / len(sel) if sel[0][key] is not None else None)
+                        for key in sel[0] if key != "k"}
+                rows.append(dict(step=step, phase=phase, weights=weights, batches=group, n=len(sel), **mean))
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a distilled toy run (its pytorch_lora_weights.safetensors)")
     p.add_argument("--out", default=None, help="folder for diagnosis.md and diagnosis.json (default: beside --run)")
     p.add_argument("--guidance", type=float, default=8.0, help="the ideal step's CFG scale (mean of the training U[3, 13])")
     p.add_argument("--eval_size", type=int, default=576, help="images per row (bench/toy.py's evaluation set)")
-    return p.parse_args(argv)
+    p.add_argument("--parts", default="chains,w_spread,grads",
+                   help="comma-separated: chains (student and ideal steps mixed, and single steps), w_spread "
+                        "(ideal steps at w = 3 ... 13 against the student), grads (each loss term's gradient)")
+    p.add_argument("--grad_batches", type=int, default=16, help="training batches per checkpoint for grads")
+    args = p.parse_args(argv)
+    unknown = set(args.parts.split(",")) - {"chains", "w_spread", "grads"}
+    if unknown:
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from chains,w_spread,grads")
+    return args
 
 
 def main(argv=None):
@@ -127,50 +215,87 @@ def main(argv=None):
         align, feats = judge_read(judge, x * 2 - 1, labels)
         return x, dict(alignment=align, fd=frechet(feats, real_feats))
 
-    # 1. chains of student (S) and ideal (O) steps
-    chains = [("S", GRID), ("SS", [999, 499]), ("SSSS", GRID), ("SSSS", LCM_GRID), ("OOOO", GRID),
-              ("SOOO", GRID), ("OSSS", GRID), ("SSOO", GRID), ("SSSO", GRID), ("O", GRID)]
-    rows, one_step = [], None
-    for spec, grid in tqdm(chains, desc="chains"):
-        grid = grid[:len(spec)] if len(spec) > 1 else [999]
-        x0s = [toy.chain(spec, grid, noise[s], c, torch.Generator().manual_seed(i))
-               for i, (s, c) in enumerate(zip(batches(n), conds))]
-        if (spec, grid) == ("S", [999]):
-            one_step = torch.cat(x0s)
-        _, r = score(x0s)
-        rows.append(dict(chain=" ".join(spec), timesteps=grid, **r))
-
-    # 2. the student against the ideal at one timestep, from noised data and from noised 1-step student outputs
+    parts = args.parts.split(",")
     data = torch.cat([toy.encode(real[s]) for s in batches(n)])  # data images with the evaluation labels
-    g = torch.Generator().manual_seed(7)
-    eps = torch.randn(data.shape, generator=g)
-    single = []
-    for t in tqdm((749, 499, 249), desc="single steps"):
-        for source, z0 in (("data", data), ("1-step student", one_step)):
-            x_t = common.renoise(z0, eps, torch.tensor([t]), toy.abar)
-            xs, xo = ([f(x_t[s], t, c) for s, c in zip(batches(n), conds)] for f in (toy.student, toy.ideal))
-            img_s, r_s = score(xs)
-            img_o, r_o = score(xo)
-            single.append(dict(t=t, source=source, student_fd=r_s["fd"], ideal_fd=r_o["fd"],
-                               student_alignment=r_s["alignment"], ideal_alignment=r_o["alignment"],
-                               mse=float(((img_s - img_o) ** 2).mean())))
+    eps = torch.randn(data.shape, generator=torch.Generator().manual_seed(7))
+    one_step = torch.cat([toy.student(noise[s], 999, c) for s, c in zip(batches(n), conds)])
+    result = dict(run=args.run, guidance=args.guidance, eval_size=n, chain_vs_pipeline_max_abs=pipeline_err)
+    lines = [f"{n} images; ideal step: the teacher's K = {K} DPM-Solver++ solve with CFG {args.guidance} (unless "
+             "a w is given); FD of the judge's features against two data sets; between steps x0 is re-noised "
+             "with fresh noise.", ""]
 
-    lines = [f"Ideal step: the teacher's K = {K} DPM-Solver++ solve with CFG {args.guidance}. {n} images; FD of the "
-             "judge's features against two data sets; between steps x0 is re-noised with fresh noise.",
-             "", "| chain | timesteps | alignment (%) | Frechet distance |", "|---|---|---|---|"]
-    lines += [f"| {r['chain']} | {'/'.join(map(str, r['timesteps']))} | {100 * r['alignment']:.1f} | {r['fd']:.1f} |"
-              for r in rows]
-    lines += ["", "| t | x_t built from | student FD | ideal FD | student alignment (%) | ideal alignment (%) | "
-              "MSE student vs ideal |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['t']} | {r['source']} | {r['student_fd']:.1f} | {r['ideal_fd']:.1f} | "
-              f"{100 * r['student_alignment']:.1f} | {100 * r['ideal_alignment']:.1f} | {r['mse']:.4f} |" for r in single]
+    if "chains" in parts:  # 1. chains of student (S) and ideal (O) steps
+        chains = [("S", GRID), ("SS", [999, 499]), ("SSSS", GRID), ("SSSS", LCM_GRID), ("OOOO", GRID),
+                  ("SOOO", GRID), ("OSSS", GRID), ("SSOO", GRID), ("SSSO", GRID), ("O", GRID)]
+        rows = []
+        for spec, grid in tqdm(chains, desc="chains"):
+            grid = grid[:len(spec)] if len(spec) > 1 else [999]
+            x0s = [toy.chain(spec, grid, noise[s], c, torch.Generator().manual_seed(i))
+                   for i, (s, c) in enumerate(zip(batches(n), conds))]
+            _, r = score(x0s)
+            rows.append(dict(chain=" ".join(spec), timesteps=grid, **r))
+
+        # 2. the student against the ideal at one timestep, from noised data and from noised 1-step outputs
+        single = []
+        for t in tqdm((749, 499, 249), desc="single steps"):
+            for source, z0 in (("data", data), ("1-step student", one_step)):
+                x_t = common.renoise(z0, eps, torch.tensor([t]), toy.abar)
+                xs, xo = ([f(x_t[s], t, c) for s, c in zip(batches(n), conds)] for f in (toy.student, toy.ideal))
+                img_s, r_s = score(xs)
+                img_o, r_o = score(xo)
+                single.append(dict(t=t, source=source, student_fd=r_s["fd"], ideal_fd=r_o["fd"],
+                                   student_alignment=r_s["alignment"], ideal_alignment=r_o["alignment"],
+                                   mse=float(((img_s - img_o) ** 2).mean())))
+        result.update(chains=rows, single_steps=single)
+        lines += ["| chain | timesteps | alignment (%) | Frechet distance |", "|---|---|---|---|"]
+        lines += [f"| {r['chain']} | {'/'.join(map(str, r['timesteps']))} | {100 * r['alignment']:.1f} | "
+                  f"{r['fd']:.1f} |" for r in rows]
+        lines += ["", "| t | x_t built from | student FD | ideal FD | student alignment (%) | ideal alignment (%) | "
+                  "MSE student vs ideal |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['t']} | {r['source']} | {r['student_fd']:.1f} | {r['ideal_fd']:.1f} | "
+                  f"{100 * r['student_alignment']:.1f} | {100 * r['ideal_alignment']:.1f} | {r['mse']:.4f} |"
+                  for r in single]
+        lines.append("")
+
+    if "w_spread" in parts:  # 3. the ideal steps at several w, against the student
+        def sources(t):
+            if t == 999:
+                return [("noise", noise)]
+            return [(src, common.renoise(z0, eps, torch.tensor([t]), toy.abar))
+                    for src, z0 in (("data", data), ("1-step student", one_step))]
+        spread = w_spread(toy, sources, conds)
+        result.update(w_spread=spread)
+        ws = list(spread[0]["student_to_ideal"])
+        lines += ["Latent MSE of one student step against the ideal step at each w, and against their mean; the "
+                  "ideal steps' spread about their mean (mean over w of the MSE); ideal at w = 3 against w = 13.", "",
+                  "| t | x_t built from | " + " | ".join(f"student to ideal, w = {w}" for w in ws)
+                  + " | student to the mean | spread of the ideal steps | ideal 3 to 13 |",
+                  "|---|---|" + "---|" * (len(ws) + 3)]
+        lines += [f"| {r['t']} | {r['source']} | " + " | ".join(f"{v:.4f}" for v in r["student_to_ideal"].values())
+                  + f" | {r['student_to_mean']:.4f} | {r['ideal_spread']:.4f} | {r['ideal_3_to_13']:.4f} |"
+                  for r in spread]
+        lines.append("")
+
+    if "grads" in parts:  # 4. which loss term pulls the LoRA, at each checkpoint
+        grads = term_gradients(args.run, args.grad_batches)
+        result.update(grads=grads)
+        lines += ["Gradient norm of each weighted loss term on the LoRA (lambda x |grad|), mean over batches, and the "
+                  "cosine between the distillation term's gradient and the others'.", "",
+                  "| checkpoint | phase | weights dist / dmd / adv | batches | n | distill | DMD | GAN | "
+                  "cos(distill, DMD) | cos(distill, GAN) |", "|---|---|---|---|---|---|---|---|---|---|"]
+        fmt = lambda v: "" if v is None else f"{v:.3g}"  # noqa: E731
+        lines += [f"| {r['step']} | {r['phase']} | {r['weights']['distill']:g} / {r['weights']['dmd']:g} / "
+                  f"{r['weights']['adv']:g} | {r['batches']} | {r['n']} | {fmt(r['norm_distill'])} | "
+                  f"{fmt(r['norm_dmd'])} | {fmt(r['norm_adv'])} | {fmt(r['cos_distill_dmd'])} | "
+                  f"{fmt(r['cos_distill_adv'])} |" for r in grads]
+        lines.append("")
+
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(out, "diagnosis.md"), "w") as f:
-        f.write(table + "\n")
+        f.write(table)
     with open(os.path.join(out, "diagnosis.json"), "w") as f:
-        json.dump(dict(run=args.run, guidance=args.guidance, eval_size=n, chains=rows, single_steps=single,
-                       chain_vs_pipeline_max_abs=pipeline_err), f, indent=1)
+        json.dump(result, f, indent=1)
     print(f"results: {out}/diagnosis.md, diagnosis.json")
 
 

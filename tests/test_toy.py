@@ -82,8 +82,20 @@ def test_quick_run_end_to_end(tmp_path, capfd):
         assert flag in res["command"]
     assert "[distill]" in stdout and "[table]" in stdout
     # the diagnosis of the same run: its chains reproduce the stock LCM pipeline (it checks this itself)
-    toy_diagnose.main(["--run", str(work / "run"), "--eval_size", "12"])
+    toy_diagnose.main(["--run", str(work / "run"), "--eval_size", "12", "--grad_batches", "1"])
     res = json.loads((work / "diagnosis.json").read_text())
+    # the ideal steps at five w: the student's mean MSE to them is its MSE to their mean plus their spread
+    assert [(r["t"], r["source"]) for r in res["w_spread"]][:3] == [(999, "noise"), (749, "data"), (749, "1-step student")]
+    for r in res["w_spread"]:
+        to_each = list(r["student_to_ideal"].values())
+        assert sum(to_each) / 5 == pytest.approx(r["student_to_mean"] + r["ideal_spread"], rel=1e-4)
+        assert r["ideal_3_to_13"] > 0 and r["ideal_spread"] > 0
+    # each loss term's gradient at the kept checkpoints (steps 2, 3, 4: phases 2, 3, 3), zero where its weight is
+    grads = res["grads"]
+    assert sorted({(r["step"], r["phase"]) for r in grads}) == [(2, 2), (3, 3), (4, 3)] and sum(r["n"] for r in grads) == 3
+    assert all(r["norm_distill"] > 0 and r["norm_dmd"] > 0 and r["norm_adv"] > 0 for r in grads)
+    assert all(-1 <= r["cos_distill_dmd"] <= 1 and r["cos_distill_dmd"] != r["cos_distill_adv"] for r in grads)
+    assert "| 2 | 2 | 1 / 0.5 / 0.2 |" in (work / "diagnosis.md").read_text()
     assert res["chain_vs_pipeline_max_abs"] < 1e-4 and res["eval_size"] == 12
     assert [r["chain"] for r in res["chains"]][:3] == ["S", "S S", "S S S S"]
     assert {(r["t"], r["source"]) for r in res["single_steps"]} == {
