@@ -1,7 +1,8 @@
 """Which sampling steps cost the toy student its Frechet distance: chains that mix student steps (S) with
 ideal steps (O), and the student against the ideal from noised data and from noised student outputs;
 how far apart the ideal steps at different guidance scales are (the student is not told w); and which
-loss term steers the LoRA in the later phases (the gradient of each term at the run's checkpoints).
+loss term steers the LoRA in the later phases (the gradient of each term at the run's checkpoints); and
+whether the judge's FD favours less guided images (the teacher at fixed w).
 
 An ideal step at timestep t returns what the student is trained to return there: the teacher's guided
 K = 16 DPM-Solver++ solve from x_t (paper section 3, eq. 3's target). Between steps, x0 is re-noised to the
@@ -9,7 +10,7 @@ next timestep with fresh noise, as LCMScheduler does. Everything runs on bench/t
 evaluation set, with its judge.
 
     python bench/toy_diagnose.py --run ~/.cache/flash_toy/run      # a run bench/toy.py distilled
-    python bench/toy_diagnose.py --run ~/.cache/flash_toy/run --parts w_spread,grads    # the cheap parts
+    python bench/toy_diagnose.py --run ~/.cache/flash_toy/run --parts w_spread,w_fd,grads    # the cheap parts
 """
 import argparse
 import glob
@@ -25,11 +26,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import common  # noqa: E402
 import flash_sd  # noqa: E402
-from toy import ASSETS, caption, eval_set, frechet, judge_read, load_judge  # noqa: E402
+from toy import ASSETS, caption, eval_set, frechet, generate_drawn_w, judge_read, load_judge  # noqa: E402
 
 GRID = [999, 749, 499, 249]  # the training grid: the teacher's ts[k] at k = 0, K/4, K/2, 3K/4 (K = 16)
 LCM_GRID = [999, 759, 499, 259]  # LCMScheduler(timestep_spacing="trailing") at 4 steps
 K = 16  # the toy's --num_teacher_steps
+W_FD = (1.0, 3.0, 5.0, 8.0, 13.0)  # the w_fd part's guidance scales (1: no guidance)
 
 
 class Toy:
@@ -106,7 +108,7 @@ def check_chain_is_the_pipeline(toy, labels, noise):
     return err
 
 
-def w_spread(toy, sources, conds, ws=(3.0, 5.5, 8.0, 10.5, 13.0)):
+def w_spread(toy, sources, conds, ws):
     """The student is trained towards the ideal step at a w it is not told (U[3, 13] per batch), so at
     best it returns the mean of the ideal steps over w. Per t and source: the student's MSE to the ideal
     at each w and to their mean, and the ideal steps' own spread about that mean (the part of the error
@@ -122,7 +124,7 @@ def w_spread(toy, sources, conds, ws=(3.0, 5.5, 8.0, 10.5, 13.0)):
             rows.append(dict(t=t, source=source, student_to_ideal={f"{w:g}": mse(student, ideal[w]) for w in ws},
                              student_to_mean=mse(student, mean),
                              ideal_spread=sum(mse(ideal[w], mean) for w in ws) / len(ws),
-                             ideal_3_to_13=mse(ideal[ws[0]], ideal[ws[-1]])))
+                             ideal_first_to_last=mse(ideal[ws[0]], ideal[ws[-1]])))
             if t == 999:
                 break  # pure noise: the same from every source
     return rows
@@ -186,14 +188,17 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="folder for diagnosis.md and diagnosis.json (default: beside --run)")
     p.add_argument("--guidance", type=float, default=8.0, help="the ideal step's CFG scale (mean of the training U[3, 13])")
     p.add_argument("--eval_size", type=int, default=576, help="images per row (bench/toy.py's evaluation set)")
-    p.add_argument("--parts", default="chains,w_spread,grads",
+    p.add_argument("--parts", default="chains,w_spread,w_fd,grads",
                    help="comma-separated: chains (student and ideal steps mixed, and single steps), w_spread "
-                        "(ideal steps at w = 3 ... 13 against the student), grads (each loss term's gradient)")
+                        "(ideal steps at w = 3 ... 13 against the student), w_fd (the teacher's FD at fixed w), "
+                        "grads (each loss term's gradient)")
+    p.add_argument("--ws", type=float, nargs="+", default=[3.0, 5.5, 8.0, 10.5, 13.0],
+                   help="the w_spread part's guidance scales (default: U[3, 13] in five)")
     p.add_argument("--grad_batches", type=int, default=16, help="training batches per checkpoint for grads")
     args = p.parse_args(argv)
-    unknown = set(args.parts.split(",")) - {"chains", "w_spread", "grads"}
+    unknown = set(args.parts.split(",")) - {"chains", "w_spread", "w_fd", "grads"}
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; choose from chains,w_spread,grads")
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from chains,w_spread,w_fd,grads")
     return args
 
 
@@ -263,20 +268,34 @@ def main(argv=None):
                 return [("noise", noise)]
             return [(src, common.renoise(z0, eps, torch.tensor([t]), toy.abar))
                     for src, z0 in (("data", data), ("1-step student", one_step))]
-        spread = w_spread(toy, sources, conds)
+        spread = w_spread(toy, sources, conds, args.ws)
         result.update(w_spread=spread)
         ws = list(spread[0]["student_to_ideal"])
         lines += ["Latent MSE of one student step against the ideal step at each w, and against their mean; the "
-                  "ideal steps' spread about their mean (mean over w of the MSE); ideal at w = 3 against w = 13.", "",
+                  "ideal steps' spread about their mean (mean over w of the MSE); ideal at the first w against the "
+                  "last.", "",
                   "| t | x_t built from | " + " | ".join(f"student to ideal, w = {w}" for w in ws)
-                  + " | student to the mean | spread of the ideal steps | ideal 3 to 13 |",
+                  + f" | student to the mean | spread of the ideal steps | ideal {ws[0]} to {ws[-1]} |",
                   "|---|---|" + "---|" * (len(ws) + 3)]
         lines += [f"| {r['t']} | {r['source']} | " + " | ".join(f"{v:.4f}" for v in r["student_to_ideal"].values())
-                  + f" | {r['student_to_mean']:.4f} | {r['ideal_spread']:.4f} | {r['ideal_3_to_13']:.4f} |"
+                  + f" | {r['student_to_mean']:.4f} | {r['ideal_spread']:.4f} | {r['ideal_first_to_last']:.4f} |"
                   for r in spread]
         lines.append("")
 
-    if "grads" in parts:  # 4. which loss term pulls the LoRA, at each checkpoint
+    if "w_fd" in parts:  # 4. does the judge's FD favour less guided images? the teacher at fixed w
+        w_fd = []
+        for w in tqdm(W_FD, desc="teacher at fixed w"):
+            with flash_sd.teacher_mode(toy.pipe.unet):
+                x = generate_drawn_w(toy.pipe, labels, noise, 32, (w, w))
+            align, feats = judge_read(judge, x * 2 - 1, labels)
+            w_fd.append(dict(w=w, steps=32, alignment=align, fd=frechet(feats, real_feats)))
+        result.update(w_fd=w_fd)
+        lines += ["The teacher (LoRA off) at 32 DPM-Solver++ steps and a fixed w, on the same prompts and noise:", "",
+                  "| w | alignment (%) | Frechet distance |", "|---|---|---|"]
+        lines += [f"| {r['w']:g} | {100 * r['alignment']:.1f} | {r['fd']:.1f} |" for r in w_fd]
+        lines.append("")
+
+    if "grads" in parts:  # 5. which loss term pulls the LoRA, at each checkpoint
         grads = term_gradients(args.run, args.grad_batches)
         result.update(grads=grads)
         lines += ["Gradient norm of each weighted loss term on the LoRA (lambda x |grad|), mean over batches, and the "

@@ -82,14 +82,20 @@ def test_quick_run_end_to_end(tmp_path, capfd):
         assert flag in res["command"]
     assert "[distill]" in stdout and "[table]" in stdout
     # the diagnosis of the same run: its chains reproduce the stock LCM pipeline (it checks this itself)
-    toy_diagnose.main(["--run", str(work / "run"), "--eval_size", "12", "--grad_batches", "1"])
+    toy_diagnose.main(["--run", str(work / "run"), "--eval_size", "12", "--grad_batches", "1", "--ws", "3", "8", "13"])
     res = json.loads((work / "diagnosis.json").read_text())
-    # the ideal steps at five w: the student's mean MSE to them is its MSE to their mean plus their spread
+    # the ideal steps at three w: the student's mean MSE to them is its MSE to their mean plus their spread
     assert [(r["t"], r["source"]) for r in res["w_spread"]][:3] == [(999, "noise"), (749, "data"), (749, "1-step student")]
     for r in res["w_spread"]:
         to_each = list(r["student_to_ideal"].values())
-        assert sum(to_each) / 5 == pytest.approx(r["student_to_mean"] + r["ideal_spread"], rel=1e-4)
-        assert r["ideal_3_to_13"] > 0 and r["ideal_spread"] > 0
+        assert list(r["student_to_ideal"]) == ["3", "8", "13"]
+        assert sum(to_each) / 3 == pytest.approx(r["student_to_mean"] + r["ideal_spread"], rel=1e-4)
+        assert r["ideal_first_to_last"] > 0 and r["ideal_spread"] > 0
+    # the teacher at fixed w, LoRA off: at w = 5 it is the table's CFG-5 teacher row (same prompts and noise)
+    assert [r["w"] for r in res["w_fd"]] == [1, 3, 5, 8, 13]
+    w5, table_row = res["w_fd"][2], json.loads((work / "results.json").read_text())["rows"][0]
+    assert w5["alignment"] == table_row["alignment"] and w5["fd"] == pytest.approx(table_row["fd"], rel=1e-2)
+    assert len({round(r["fd"], 3) for r in res["w_fd"]}) == 5
     # each loss term's gradient at the kept checkpoints (steps 2, 3, 4: phases 2, 3, 3), zero where its weight is
     grads = res["grads"]
     assert sorted({(r["step"], r["phase"]) for r in grads}) == [(2, 2), (3, 3), (4, 3)] and sum(r["n"] for r in grads) == 3
