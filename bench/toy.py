@@ -540,7 +540,7 @@ def parse_args(argv=None):
         p.error(f"--stages: unknown {sorted(unknown)}; choose from data,teacher,judge,gate,distill,table")
     if args.quick:
         args.data_size, args.num_shards, args.teacher_pool, args.teacher_batch = 256, 2, 512, 32
-        args.vae_steps, args.unet_steps, args.judge_steps = 10, 10, 10
+        args.vae_steps, args.unet_steps, args.judge_steps = 4, 4, 4
         args.phase_steps, args.batch_size, args.eval_size = [1, 1, 1, 1], 4, 12
         args.work_dir = os.path.join(args.work_dir, "quick")  # never mixed with a full run's cache
     return args
