@@ -135,9 +135,9 @@ def parse_args(argv=None):
     a("--adv_weights", type=float, nargs=4, default=ADV_WEIGHTS, help="lambda_adv per phase")
     a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"], help="GAN loss")
     a("--teacher_as_real", action="store_true", help="D's real samples: teacher outputs, not data")
-    a("--renoise", default="true", choices=["true", "original"],
-      help="noise level of DMD's and D's inputs: t's own, or the original code's (off the K-step "
-      "grid, its last step)")
+    a("--renoise", default="original", choices=["original", "true"],
+      help="noise level of DMD's and D's inputs: the original code's (t on the K-step grid, else "
+      "the grid's last step), or t's own")
     # optimisation
     a("--lr", type=positive_float, default=LR, help="AdamW learning rate of the LoRA (constant)")
     a("--lr_disc", type=positive_float, default=LR,

@@ -250,7 +250,8 @@ def reference_step(b, teacher):
         levels = torch.tensor(mod.GAN_TIMESTEPS, device=dev)
         s, n = levels[torch.randint(0, len(levels), (len(x_hat),), device=dev)], torch.randn_like(x_hat)
         real = x_T if args.teacher_as_real else z0
-        x_in = torch.cat([common.renoise(x_hat, n, s, abar), common.renoise(real, n, s, abar)])
+        s_noise = common.renoise_level(s, m.teacher_sched.timesteps, args.renoise)  # the original's add_noise
+        x_in = torch.cat([common.renoise(x_hat, n, s_noise, abar), common.renoise(real, n, s_noise, abar)])
         return getattr(mod, spec.features)(teacher, x_in, torch.cat([s, s]), cat(cond, cond)).float().chunk(2)
 
     z0, cond, uncond, x_hat, x_T = forward(grad=True)
@@ -261,7 +262,8 @@ def reference_step(b, teacher):
             losses["distill"] = common.distill_loss(x_hat, x_T, args.distill_loss, m.decode, m.lpips)
         if l_dmd > 0:
             t2 = torch.randint(0, len(abar), (len(x_hat),), device=dev)
-            y = common.renoise(x_hat.detach(), torch.randn_like(x_hat), t2, abar)
+            t2_noise = common.renoise_level(t2, m.teacher_sched.timesteps, args.renoise)
+            y = common.renoise(x_hat.detach(), torch.randn_like(x_hat), t2_noise, abar)
             w2 = guidance(args)
             with torch.no_grad():
                 e_real = cfg_two_passes(y, t2, cond, uncond, w2)
