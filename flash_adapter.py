@@ -142,6 +142,8 @@ def parse_args(argv=None):
     a("--adv_weights", type=float, nargs=4, default=ADV_WEIGHTS, help="lambda_adv per phase")
     a("--gan_loss", default="lsgan", choices=["lsgan", "hinge", "non_saturating"], help="GAN loss")
     a("--teacher_as_real", action="store_true", help="D's real samples: teacher outputs, not data")
+    a("--dmd_gan_from_noise", action="store_true",
+      help="DMD and GAN generator losses only on batches from pure noise (k = 0); D trains on all")
     a("--renoise", default="original", choices=["original", "true"],
       help="noise level of DMD's and D's inputs: the original code's (t on the K-step grid, else "
       "the grid's last step), or t's own")
@@ -518,6 +520,8 @@ def train_step(m, student, disc, batch, step, args):
     # 5. generator losses
     l_dist, l_dmd = args.distill_weights[phase], args.dmd_weights[phase]
     l_adv = args.adv_weights[phase]
+    if k > 0 and args.dmd_gan_from_noise:  # they steer the 1-step output only; D still trains
+        l_dmd, l_adv = 0.0, 0.0
     zero = torch.zeros((), device=dev)
     losses = dict(distill=zero, dmd=zero, adv=zero)
     with autocast:
