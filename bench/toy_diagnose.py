@@ -1,8 +1,9 @@
 """Which sampling steps cost the toy student its Frechet distance: chains that mix student steps (S) with
 ideal steps (O), and the student against the ideal from noised data and from noised student outputs;
 how far apart the ideal steps at different guidance scales are (the student is not told w); and which
-loss term steers the LoRA in the later phases (the gradient of each term at the run's checkpoints); and
-whether the judge's FD favours less guided images (the teacher at fixed w).
+loss term steers the LoRA in the later phases (the gradient of each term at the run's checkpoints);
+whether the judge's FD favours less guided images (the teacher at fixed w); and how the student improves over
+the run (its table rows at each checkpoint, with the attribute its 1-step images get wrong).
 
 An ideal step at timestep t returns what the student is trained to return there: the teacher's guided
 K = 16 DPM-Solver++ solve from x_t (paper section 3, eq. 3's target). Between steps, x0 is re-noised to the
@@ -10,7 +11,7 @@ next timestep with fresh noise, as LCMScheduler does. Everything runs on bench/t
 evaluation set, with its judge.
 
     python bench/toy_diagnose.py --run ~/.cache/flash_toy/run      # a run bench/toy.py distilled
-    python bench/toy_diagnose.py --run ~/.cache/flash_toy/run --parts w_spread,w_fd,grads    # the cheap parts
+    python bench/toy_diagnose.py --run ~/.cache/flash_toy/run --parts w_spread,w_fd,grads,checkpoints  # the cheap parts
 """
 import argparse
 import glob
@@ -26,12 +27,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "bench")]
 import common  # noqa: E402
 import flash_sd  # noqa: E402
-from toy import ASSETS, caption, eval_set, frechet, generate_drawn_w, judge_read, load_judge  # noqa: E402
+from toy import ASSETS, caption, eval_set, frechet, generate, generate_drawn_w, judge_read, load_judge  # noqa: E402
 
 GRID = [999, 749, 499, 249]  # the training grid: the teacher's ts[k] at k = 0, K/4, K/2, 3K/4 (K = 16)
 LCM_GRID = [999, 759, 499, 259]  # LCMScheduler(timestep_spacing="trailing") at 4 steps
 K = 16  # the toy's --num_teacher_steps
 W_FD = (1.0, 3.0, 5.0, 8.0, 13.0)  # the w_fd part's guidance scales (1: no guidance)
+PARTS = ("chains", "w_spread", "w_fd", "grads", "checkpoints")
 
 
 class Toy:
@@ -182,23 +184,52 @@ def term_gradients(run, n_batches, seed=0):
     return rows
 
 
+def checkpoint_rows(run, judge, labels, noise, real_feats):
+    """The student at 4, 2 and 1 steps from each kept checkpoint, as bench/toy.py's table scores it (a stock
+    pipeline, load_lora_weights, LCMScheduler), with the share of images whose shape, colour or background the
+    judge reads wrong (alignment counts an image only when all three read right)."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+    folders = sorted(glob.glob(os.path.join(run, "checkpoints", "step_*")))
+    if not folders:
+        raise SystemExit(f"toy_diagnose.py: no checkpoints beside {run}: the checkpoints part needs the run's "
+                         "checkpoints/step_* folders")
+    pipe = StableDiffusionPipeline.from_pretrained(os.path.join(ASSETS, "model"), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    rows = []
+    for folder in tqdm(folders, desc="checkpoints"):
+        pipe.load_lora_weights(folder, adapter_name="student")
+        for steps in (4, 2, 1):
+            x = generate(pipe, labels, noise, steps, 0.0) * 2 - 1
+            align, feats = judge_read(judge, x, labels)
+            with torch.no_grad():
+                read = torch.stack([logits.argmax(1) for logits in judge(x)[1]], 1).numpy()
+            wrong = (read != labels).mean(0)
+            rows.append(dict(step=int(folder.rsplit("_", 1)[1]), steps=steps, alignment=align,
+                             fd=frechet(feats, real_feats), wrong_shape=float(wrong[0]),
+                             wrong_colour=float(wrong[1]), wrong_background=float(wrong[2])))
+        pipe.delete_adapters("student")
+    return rows
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, help="a distilled toy run (its pytorch_lora_weights.safetensors)")
     p.add_argument("--out", default=None, help="folder for diagnosis.md and diagnosis.json (default: beside --run)")
     p.add_argument("--guidance", type=float, default=8.0, help="the ideal step's CFG scale (mean of the training U[3, 13])")
     p.add_argument("--eval_size", type=int, default=576, help="images per row (bench/toy.py's evaluation set)")
-    p.add_argument("--parts", default="chains,w_spread,w_fd,grads",
+    p.add_argument("--parts", default=",".join(PARTS),
                    help="comma-separated: chains (student and ideal steps mixed, and single steps), w_spread "
                         "(ideal steps at w = 3 ... 13 against the student), w_fd (the teacher's FD at fixed w), "
-                        "grads (each loss term's gradient)")
+                        "grads (each loss term's gradient), checkpoints (the student's rows at each checkpoint)")
     p.add_argument("--ws", type=float, nargs="+", default=[3.0, 5.5, 8.0, 10.5, 13.0],
                    help="the w_spread part's guidance scales (default: U[3, 13] in five)")
     p.add_argument("--grad_batches", type=int, default=16, help="training batches per checkpoint for grads")
     args = p.parse_args(argv)
-    unknown = set(args.parts.split(",")) - {"chains", "w_spread", "w_fd", "grads"}
+    unknown = set(args.parts.split(",")) - set(PARTS)
     if unknown:
-        p.error(f"--parts: unknown {sorted(unknown)}; choose from chains,w_spread,w_fd,grads")
+        p.error(f"--parts: unknown {sorted(unknown)}; choose from {','.join(PARTS)}")
     return args
 
 
@@ -307,6 +338,18 @@ def main(argv=None):
                   f"{r['weights']['adv']:g} | {r['batches']} | {r['n']} | {fmt(r['norm_distill'])} | "
                   f"{fmt(r['norm_dmd'])} | {fmt(r['norm_adv'])} | {fmt(r['cos_distill_dmd'])} | "
                   f"{fmt(r['cos_distill_adv'])} |" for r in grads]
+        lines.append("")
+
+    if "checkpoints" in parts:  # 6. the student's table rows over the run
+        ckpts = checkpoint_rows(args.run, judge, labels, noise, real_feats)
+        result.update(checkpoints=ckpts)
+        lines += ["The student at each kept checkpoint, as the table scores it; the share of its images whose "
+                  "shape, colour or background the judge reads wrong.", "",
+                  "| checkpoint | steps | alignment (%) | Frechet distance | wrong shape (%) | wrong colour (%) | "
+                  "wrong background (%) |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['step']} | {r['steps']} | {100 * r['alignment']:.1f} | {r['fd']:.1f} | "
+                  f"{100 * r['wrong_shape']:.1f} | {100 * r['wrong_colour']:.1f} | {100 * r['wrong_background']:.1f} |"
+                  for r in ckpts]
         lines.append("")
 
     table = "\n".join(lines)

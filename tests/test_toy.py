@@ -102,6 +102,15 @@ def test_quick_run_end_to_end(tmp_path, capfd):
     assert all(r["norm_distill"] > 0 and r["norm_dmd"] > 0 and r["norm_adv"] > 0 for r in grads)
     assert all(-1 <= r["cos_distill_dmd"] <= 1 and r["cos_distill_dmd"] != r["cos_distill_adv"] for r in grads)
     assert "| 2 | 2 | 1 / 0.5 / 0.2 |" in (work / "diagnosis.md").read_text()
+    # the student at each kept checkpoint, scored as the table scores it: the last is the table's student
+    ckpts, table = res["checkpoints"], json.loads((work / "results.json").read_text())["rows"]
+    assert [(r["step"], r["steps"]) for r in ckpts] == [(s, n) for s in (2, 3, 4) for n in (4, 2, 1)]
+    for r, row in zip(ckpts[-3:], table[-3:]):
+        assert r["alignment"] == row["alignment"] and r["fd"] == pytest.approx(row["fd"], rel=1e-3)
+    for r in ckpts:  # an image is aligned only when all three attributes read right
+        wrong = [r["wrong_shape"], r["wrong_colour"], r["wrong_background"]]
+        assert max(wrong) - 1e-9 <= 1 - r["alignment"] <= sum(wrong) + 1e-9
+    assert len({round(r["fd"], 3) for r in ckpts}) > 3
     assert res["chain_vs_pipeline_max_abs"] < 1e-4 and res["eval_size"] == 12
     assert [r["chain"] for r in res["chains"]][:3] == ["S", "S S", "S S S S"]
     assert {(r["t"], r["source"]) for r in res["single_steps"]} == {
