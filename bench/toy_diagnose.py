@@ -146,7 +146,8 @@ def term_gradients(run, n_batches, seed=0):
     rows, m = [], None
     for folder in folders:
         state = torch.load(os.path.join(folder, "training_state.pt"), map_location="cpu", weights_only=True)
-        args = SimpleNamespace(**state["config"])
+        # flash_sd.py's defaults under the saved config: a run from before a flag existed ran without it
+        args = SimpleNamespace(**dict(vars(flash_sd.parse_args(["--shards", "unused"])), **state["config"]))
         if m is None:
             m = flash_sd.build(args, torch.device("cpu"))
             loader = iter(common.make_loader(args.shards, args.resolution, args.batch_size, num_workers=0,
