@@ -531,7 +531,8 @@ def parse_args(argv=None):
     a("--min_teacher_alignment", type=float, default=0.8, help="the gate on the teacher at 32 steps")
     a("--phase_steps", type=int, nargs=4, default=[500, 500, 500, 500], help="flash_sd.py generator updates per phase")
     a("--batch_size", type=int, default=32, help="flash_sd.py batch")
-    a("--distill_flags", default="", help="more flash_sd.py flags, e.g. \"--backward_sim 0.5\" (they come last and win)")
+    a("--distill_flags", default="", help="more flash_sd.py flags, e.g. \"--backward_sim 0.5\"; a lone flag needs the =: "
+      "--distill_flags=--dmd_gan_from_noise (they come last and win)")
     a("--lr", type=float, default=1e-4, help="flash_sd.py learning rate (LoRA and discriminator)")
     a("--eval_size", type=int, default=576, help="images per table row (the 36 captions, 16 seeds each)")
     args = p.parse_args(argv)

@@ -63,7 +63,8 @@ def test_every_flag_in_a_readme_command_is_one_the_script_takes(script, capsys):
         flags = [w for w in words if w.startswith("--") and " " not in w]  # a quoted value holds spaces
         unknown = [w.split("=")[0] for w in flags if w.split("=")[0] not in known]
         assert not unknown, f"README: `{script} {' '.join(words)}` names flags {script} does not take: {unknown}"
-        for flag, value in zip(words, words[1:]):  # toy.py passes --distill_flags on to flash_sd.py
+        pairs = [w.split("=", 1) for w in words if w.startswith("--distill_flags=")]
+        for flag, value in list(zip(words, words[1:])) + pairs:  # toy.py passes --distill_flags on to flash_sd.py
             if flag == "--distill_flags":
                 unknown = [w for w in value.split() if w.startswith("--") and w not in distill]
                 assert not unknown, f"README: --distill_flags {value!r} names flags flash_sd.py does not take"
