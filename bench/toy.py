@@ -516,7 +516,8 @@ def parse_args(argv=None):
     a("--fresh", action="store_true", help="redo the stages even if their outputs are cached")
     a("--stages", default="data,teacher,judge,distill,table", help="comma-separated subset to run")
     a("--train_teacher", action="store_true", help="train teacher and judge here instead of using bench/toy_teacher")
-    a("--device", default="cpu", help="device for training the teacher and judge (distillation runs on the CPU)")
+    a("--device", default="cpu",
+      help="device for training the teacher and judge (flash_sd.py takes a GPU itself when it sees one)")
     a("--data_size", type=int, default=8000, help="images in the shards")
     a("--num_shards", type=int, default=8)
     a("--teacher_pool", type=int, default=40000, help="distinct images the teacher and judge train on")
